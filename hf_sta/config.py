@@ -1,0 +1,111 @@
+"""Configuration dataclasses shared by the Python API, the YAML recipes and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .errors import ConfigError
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def validate_task_name(name: object) -> str:
+    """Task names become file names (``heads/<task>.safetensors``): letters, digits, ``_``, ``-``, ``.``; no paths."""
+    if not isinstance(name, str) or not _TASK_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"Task name {name!r} is not a safe file name: use 1-128 letters, digits, '_', '-' or '.', starting with a "
+            "letter or digit, without '..' or path separators."
+        )
+    return name
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``torch.bfloat16`` / ``None`` -> ``torch.dtype | None``; other values raise ``ConfigError``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and dtype not in _DTYPES.values():
+            raise ConfigError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {dtype}.")
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ConfigError(f"torch_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    return _DTYPES[name]
+
+
+class _ConfigMixin:
+    """Dict and YAML round trip with field-named errors for unknown keys."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Any:
+        data = dict(data or {})
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"Unknown field(s) {', '.join(unknown)} in {cls.__name__}; valid fields: {', '.join(sorted(names))}."
+            )
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Any:
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"'{path}' is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"'{path}' must hold a mapping of fields, got {type(data).__name__}.")
+        return cls.from_dict(data)
+
+
+@dataclass
+class MergeConfig(_ConfigMixin):
+    """How to combine task vectors: ``theta = theta_0 + scaling * method({tau_t}, weights, **params)``.
+
+    Args:
+        method: a registered merge method (``hf_sta.methods.list_merge_methods()``).
+        scaling: the global coefficient lambda applied to the combined delta.
+        weights: per-task weights (a mapping task -> weight, or a list in task order); default 1 each.
+        tasks: the tasks to merge (default: all loaded tasks).
+        params: the method's own parameters (``density``, ``majority_sign_method``, ...).
+        seed: seeds random methods (DARE); each tensor draws from ``seed`` and its name, so results do not depend
+            on the order tensors are processed in.
+        torch_dtype: output dtype of floating tensors (default: the base's).
+        max_shard_size: output shard budget, as in ``save_pretrained``.
+    """
+
+    method: str = "task_arithmetic"
+    scaling: float = 1.0
+    weights: dict[str, float] | list[float] | None = None
+    tasks: list[str] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    torch_dtype: str | None = None
+    max_shard_size: str | int = "5GB"
+
+    def validated(self) -> MergeConfig:
+        """A copy with the method's parameters checked and defaults filled; raises ``ValueError`` when invalid."""
+        from .methods import get_merge_method
+
+        spec = get_merge_method(self.method)
+        # None means "the method's default" (e.g. STA's density when a threshold is used instead).
+        params = spec.validate_params({k: v for k, v in self.params.items() if v is not None})
+        if not isinstance(self.scaling, int | float) or not torch.isfinite(torch.tensor(float(self.scaling))):
+            raise ConfigError(f"scaling must be a finite number, got {self.scaling!r}.")
+        parse_dtype(self.torch_dtype)
+        return dataclasses.replace(self, params=params, scaling=float(self.scaling))

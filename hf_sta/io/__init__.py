@@ -1,0 +1,1 @@
+"""Everything that touches disk or the Hub; no math."""

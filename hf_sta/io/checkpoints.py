@@ -1,0 +1,578 @@
+"""Checkpoint I/O: resolve a folder or Hub repo id, read tensors lazily, stream merged tensors to disk.
+
+No math lives here. Readers hand out one tensor at a time and keep at most one shard open per model; the writer
+knows every output tensor's name, shape and dtype in advance, writes each safetensors header first and then the tensor
+bytes as they are produced, so a merge never holds more than the tensor it is working on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+
+from ..errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PT_WEIGHTS_NAME = "pytorch_model.bin"
+PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+CONFIG_NAME = "config.json"
+
+# Files copied verbatim from the base model's folder next to merged weights.
+AUX_FILE_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# What snapshot_download fetches for a model (weights + the auxiliary files above).
+HUB_ALLOW_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+    "*.json",
+    "*.txt",
+    "*.model",
+    "*.jinja",
+]
+
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_TORCH_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+MERGEABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def is_floating(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def parse_size(size: int | str) -> int:
+    """Parse a byte budget like transformers' ``max_shard_size``: ``5000000``, ``"5GB"``, ``"500MiB"``."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size must be an int or a string like '5GB', got {size!r}")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    factors = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    factors.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+    return int(number * factors[unit])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resolving
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name)) and ".." not in name
+
+
+def resolve_checkpoint(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_patterns: list[str] | None = None,
+) -> Path:
+    """Return a local folder (or single weights file) for ``path_or_repo_id``.
+
+    A local path wins; otherwise the string is taken as a Hub repo id and fetched with
+    ``huggingface_hub.snapshot_download`` (honouring ``revision``, ``token`` and ``HF_HUB_OFFLINE``).
+    """
+    path = Path(path_or_repo_id).expanduser()
+    if path.exists():
+        return path
+    name = str(path_or_repo_id)
+    if not _looks_like_repo_id(name):
+        raise FileNotFoundError(f"Checkpoint '{name}' does not exist (not a local folder or file, nor a Hub repo id).")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(
+            name,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            allow_patterns=allow_patterns or HUB_ALLOW_PATTERNS,
+        )
+    except Exception as err:  # the hub client raises many kinds; re-raise with the name in it
+        raise FileNotFoundError(
+            f"Checkpoint '{name}' is not a local folder and could not be fetched from the Hub: {err}"
+        ) from err
+    return Path(local)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class TensorSource(Protocol):
+    """What the math needs from a model: names, shapes, dtypes, and one tensor at a time."""
+
+    name: str
+
+    def keys(self) -> list[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def dtype(self, key: str) -> torch.dtype: ...
+
+    def get_tensor(self, key: str) -> torch.Tensor: ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+
+class StateDictSource:
+    """A :class:`TensorSource` over an in-memory state dict (tests, ``nn.Module`` users)."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], name: str = "<state dict>") -> None:
+        self._tensors = {k: v.detach() for k, v in state_dict.items()}
+        self.name = name
+        self.path: Path | None = None
+        self.config: dict | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def close(self) -> None:
+        pass
+
+
+class CheckpointReader:
+    """Lazy reader of a transformers-style checkpoint folder (or a single ``.safetensors`` file).
+
+    Supports ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, a folder holding a single
+    other ``*.safetensors`` file, and pickled ``pytorch_model.bin`` checkpoints through ``torch.load(weights_only=True)``
+    only. Tensor names, shapes and dtypes come from the headers without reading data; at most one shard is open.
+    """
+
+    def __init__(self, path: str | os.PathLike, name: str | None = None) -> None:
+        self.path = Path(path)
+        self.name = name or self.path.name
+        if not self.path.exists():
+            raise CheckpointError(f"Checkpoint path '{self.path}' does not exist.")
+        self.folder = self.path if self.path.is_dir() else self.path.parent
+        self.config = self._read_config()
+        self._key_to_file: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._open_file: Path | None = None
+        self._open_handle = None
+        self._pickled: bool = False
+        self.metadata: dict[str, str] = {}
+        self._index_files()
+
+    # -- discovery -------------------------------------------------------------------------------------------------
+    def _read_config(self) -> dict | None:
+        config_path = self.folder / CONFIG_NAME
+        if not config_path.is_file():
+            return None
+        try:
+            return json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"Cannot read '{config_path}': {err}") from err
+
+    def _weight_files(self) -> tuple[list[Path], bool]:
+        if self.path.is_file():
+            if self.path.suffix == ".safetensors":
+                return [self.path], False
+            if self.path.suffix in (".bin", ".pt", ".pth"):
+                return [self.path], True
+            raise CheckpointError(f"'{self.path}' is not a .safetensors or .bin checkpoint file.")
+        folder = self.path
+        for index_name, pickled in ((SAFE_WEIGHTS_INDEX_NAME, False), (PT_WEIGHTS_INDEX_NAME, True)):
+            index_path = folder / index_name
+            if index_path.is_file():
+                try:
+                    weight_map = json.loads(index_path.read_text())["weight_map"]
+                except (OSError, json.JSONDecodeError, KeyError) as err:
+                    raise CheckpointError(f"Cannot read the shard index '{index_path}': {err}") from err
+                files = sorted({folder / f for f in weight_map.values()})
+                missing = [str(f) for f in files if not f.is_file()]
+                if missing:
+                    raise CheckpointError(f"Shard(s) listed in '{index_path}' are missing: {', '.join(missing)}")
+                return files, pickled
+        if (folder / SAFE_WEIGHTS_NAME).is_file():
+            return [folder / SAFE_WEIGHTS_NAME], False
+        if (folder / PT_WEIGHTS_NAME).is_file():
+            return [folder / PT_WEIGHTS_NAME], True
+        others = sorted(folder.glob("*.safetensors"))
+        if len(others) == 1:
+            return others, False
+        raise CheckpointError(
+            f"No model weights found in '{folder}' (looked for {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, "
+            f"{PT_WEIGHTS_NAME}, {PT_WEIGHTS_INDEX_NAME})."
+        )
+
+    def _index_files(self) -> None:
+        files, self._pickled = self._weight_files()
+        for file in files:
+            if self._pickled:
+                state = self._load_pickled(file)
+                for key, tensor in state.items():
+                    self._key_to_file[key] = file
+                    self._meta[key] = (tuple(tensor.shape), tensor.dtype)
+                continue
+            try:
+                with open(file, "rb") as handle:
+                    (header_len,) = struct.unpack("<Q", handle.read(8))
+                    header = json.loads(handle.read(header_len))
+            except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"'{file}' is not a readable safetensors file: {err}") from err
+            for key, info in header.items():
+                if key == "__metadata__":
+                    self.metadata.update(info or {})
+                    continue
+                if info["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"Tensor '{key}' in '{file}' has unsupported dtype {info['dtype']}.")
+                self._key_to_file[key] = file
+                self._meta[key] = (tuple(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]])
+
+    def _load_pickled(self, file: Path) -> dict[str, torch.Tensor]:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # pickle errors come in many types
+            raise CheckpointError(
+                f"Cannot load '{file}' with torch.load(weights_only=True) (arbitrary pickles are refused): {err}"
+            ) from err
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"'{file}' does not hold a flat state dict of tensors.")
+        return dict(state)
+
+    # -- TensorSource API ---------------------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._key_to_file)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_to_file
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._meta[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta[key][1]
+
+    def files(self) -> list[Path]:
+        return sorted(set(self._key_to_file.values()))
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        if key not in self._key_to_file:
+            raise CheckpointError(f"Tensor '{key}' is not in checkpoint '{self.path}'.")
+        file = self._key_to_file[key]
+        if file != self._open_file:
+            self.close()
+            self._open_handle = self._load_pickled(file) if self._pickled else safe_open(file, framework="pt")
+            self._open_file = file
+        if self._pickled:
+            return self._open_handle[key]
+        return self._open_handle.get_tensor(key)
+
+    def close(self) -> None:
+        self._open_handle = None
+        self._open_file = None
+
+    def __repr__(self) -> str:
+        return f"CheckpointReader('{self.path}', tensors={len(self._key_to_file)})"
+
+
+def open_checkpoint(
+    source: str | os.PathLike | Mapping[str, torch.Tensor] | CheckpointReader | StateDictSource,
+    *,
+    name: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> CheckpointReader | StateDictSource:
+    """Turn a folder, a repo id, a state dict or an existing reader into a :class:`TensorSource`."""
+    if isinstance(source, CheckpointReader | StateDictSource):
+        return source
+    if isinstance(source, Mapping):
+        return StateDictSource(source, name=name or "<state dict>")
+    if isinstance(source, torch.nn.Module):
+        return StateDictSource(source.state_dict(), name=name or type(source).__name__)
+    path = resolve_checkpoint(source, revision=revision, token=token, cache_dir=cache_dir)
+    return CheckpointReader(path, name=name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class TensorPlan(tuple):
+    """``(name, shape, dtype)`` of one output tensor, known before any data is produced."""
+
+    def __new__(cls, name: str, shape: Iterable[int], dtype: torch.dtype) -> TensorPlan:
+        return super().__new__(cls, (name, tuple(shape), dtype))
+
+    @property
+    def name(self) -> str:
+        return self[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self[2]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+class StreamingSafetensorsWriter:
+    """Write a planned sequence of tensors into safetensors shards without holding them in memory.
+
+    The plan (every tensor's name, shape, dtype, in write order) is split into shards of at most ``max_shard_size``
+    bytes; each shard's header is written when the shard is opened and each tensor's bytes are appended as
+    :meth:`write` receives it, in plan order. One shard gives ``model.safetensors``; several give
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``, as ``save_pretrained`` does.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        plan: list[TensorPlan],
+        *,
+        max_shard_size: int | str = "5GB",
+        metadata: dict[str, str] | None = None,
+        weights_name: str = SAFE_WEIGHTS_NAME,
+    ) -> None:
+        self.folder = Path(folder)
+        self.plan = plan
+        self.metadata = {"format": "pt", **(metadata or {})}
+        budget = parse_size(max_shard_size)
+        self.shards: list[list[TensorPlan]] = [[]]
+        size = 0
+        for item in plan:
+            if item.dtype not in _TORCH_TO_SAFETENSORS:
+                raise CheckpointError(f"Cannot write tensor '{item.name}' of dtype {item.dtype} to safetensors.")
+            if self.shards[-1] and size + item.nbytes > budget:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(item)
+            size += item.nbytes
+        stem, ext = weights_name.rsplit(".", 1)
+        count = len(self.shards)
+        self.shard_names = (
+            [weights_name] if count == 1 else [f"{stem}-{i + 1:05d}-of-{count:05d}.{ext}" for i in range(count)]
+        )
+        self.index_name = f"{weights_name}.index.json"
+        self._position = 0  # index into plan
+        self._shard = -1
+        self._shard_end = 0
+        self._handle = None
+        self.total_size = sum(item.nbytes for item in plan)
+
+    def _open_next_shard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        self._shard += 1
+        items = self.shards[self._shard]
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for item in items:
+            header[item.name] = {
+                "dtype": _TORCH_TO_SAFETENSORS[item.dtype],
+                "shape": list(item.shape),
+                "data_offsets": [offset, offset + item.nbytes],
+            }
+            offset += item.nbytes
+        header_bytes = json.dumps(header, separators=(",", ":")).encode()
+        header_bytes += b" " * (-len(header_bytes) % 8)
+        self._handle = open(self.folder / self.shard_names[self._shard], "wb")  # noqa: SIM115 - closed in finish
+        self._handle.write(struct.pack("<Q", len(header_bytes)))
+        self._handle.write(header_bytes)
+        self._shard_end += len(items)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the plan; ``name``, shape and dtype must match it."""
+        if self._position >= len(self.plan):
+            raise RuntimeError(f"Tensor '{name}' written past the end of the plan.")
+        expected = self.plan[self._position]
+        if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+            raise RuntimeError(
+                f"Write order broken: expected {expected.name} {expected.shape} {expected.dtype}, "
+                f"got {name} {tuple(tensor.shape)} {tensor.dtype}."
+            )
+        if self._position == self._shard_end:
+            self._open_next_shard()
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._handle.write(memoryview(data))
+        self._position += 1
+
+    def finish(self) -> None:
+        """Close the last shard and write the index when there are several shards."""
+        if self._position != len(self.plan):
+            missing = self.plan[self._position].name
+            raise RuntimeError(f"Only {self._position} of {len(self.plan)} planned tensors written (next: {missing}).")
+        if not self.plan:
+            self._open_next_shard()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if len(self.shards) > 1:
+            weight_map = {item.name: self.shard_names[i] for i, items in enumerate(self.shards) for item in items}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+            (self.folder / self.index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    def abort(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing non-empty ``output_dir`` unless ``overwrite``; return it as a Path."""
+    output = Path(output_dir).expanduser()
+    if output.exists():
+        if not output.is_dir():
+            raise FileExistsError(f"Output path '{output}' exists and is not a folder.")
+        if any(output.iterdir()) and not overwrite:
+            raise FileExistsError(
+                f"Output folder '{output}' exists and is not empty; pass overwrite=True to replace it."
+            )
+    return output
+
+
+class AtomicOutputDir:
+    """Context manager: build an output folder in a temporary sibling and move it into place only on success.
+
+    A failure, or Ctrl-C, inside the block removes the temporary folder and leaves ``output_dir`` untouched.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
+        self.output_dir = check_output_dir(output_dir, overwrite)
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        parent = self.output_dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.tmp-", dir=parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            check_output_dir(self.output_dir, self.overwrite)  # may have appeared meanwhile
+            if self.output_dir.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.old-", dir=self.output_dir.parent))
+                os.replace(self.output_dir, trash / "old")
+                os.replace(self.tmp, self.output_dir)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(self.tmp, self.output_dir)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+
+def copy_aux_files(source_folder: Path | None, destination: Path, *, skip: Iterable[str] = ()) -> list[str]:
+    """Copy config, generation config and tokenizer files from ``source_folder`` to ``destination``."""
+    if source_folder is None or not source_folder.is_dir():
+        return []
+    copied = []
+    skipped = set(skip)
+    for pattern in AUX_FILE_PATTERNS:
+        for file in sorted(source_folder.glob(pattern)):
+            if file.is_file() and file.name not in skipped and not (destination / file.name).exists():
+                shutil.copy2(file, destination / file.name)
+                copied.append(file.name)
+    return copied
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a small dict of tensors (heads, importance) as one safetensors file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def iter_tensors(source: TensorSource, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    for key in keys if keys is not None else source.keys():
+        yield key, source.get_tensor(key)
+
+
+def fingerprint(source: TensorSource) -> str:
+    """A short content hash of a model, cheap even for large checkpoints.
+
+    For files: each weights file's header, size and eight 64 KiB samples of its data (another fine-tune of the same
+    architecture differs in those bytes); for in-memory state dicts: every tensor's bytes.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    if isinstance(source, CheckpointReader):
+        for file in source.files():
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
+            with open(file, "rb") as handle:
+                for offset in sorted({0, *(size * i // 8 for i in range(1, 8)), max(size - 65536, 0)}):
+                    handle.seek(offset)
+                    digest.update(handle.read(65536))
+    else:
+        for key in sorted(source.keys()):
+            tensor = source.get_tensor(key).detach().cpu().contiguous()
+            digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
