@@ -100,6 +100,7 @@ class STAMerger:
         self.sources = dict(sources or {})
         self.trust_remote_code = trust_remote_code
         self.last_config: MergeConfig | None = None
+        self._last_operation: tuple[str, dict[str, Any]] | None = None
         self.importance: dict[str, ImportanceScores] = {}
         # {tensor name: {task: fraction of entries kept}} of the last STA merge (model card statistics).
         self.last_kept_fraction: dict[str, dict[str, float]] = {}
@@ -497,6 +498,7 @@ class STAMerger:
             "merge": dataclasses.asdict(config),
         }
         self.last_config = config
+        self._last_operation = ("merge", {"config": config})
         self.last_kept_fraction = {}
         tensors = self._combine(config, spec, tasks, weights, plan)
         return self._emit(tensors, plan, recipe=recipe, head_tasks=tasks, output_dir=output_dir, overwrite=overwrite)
@@ -528,6 +530,18 @@ class STAMerger:
         """
         if method not in ("sta", "negation"):
             raise ConfigError(f"forget method must be 'sta' or 'negation', got {method!r}.")
+        self._last_operation = (
+            "forget",
+            dict(
+                task=task,
+                scaling=scaling,
+                method=method,
+                target=target,
+                torch_dtype=torch_dtype,
+                max_shard_size=max_shard_size,
+                **params,
+            ),
+        )
         vector = self._task_vector(task)
         spec = get_merge_method("sta")
         if method == "negation" and params:
@@ -637,6 +651,51 @@ class STAMerger:
             min_control=min_control,
             best_scaling=best["scaling"] if best else None,
         )
+
+    # -- save / push -------------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the result of the last :meth:`merge` or :meth:`forget` to ``save_directory`` (streamed: the result is
+        recomputed tensor by tensor, never held), with its config, tokenizer, heads, recipe and model card."""
+        if self._last_operation is None:
+            raise ConfigError("Nothing to save: call merge(...) or forget(...) first.")
+        kind, arguments = self._last_operation
+        if kind == "merge":
+            return self.run(arguments["config"], output_dir=save_directory, overwrite=overwrite)
+        return self.forget(**arguments, output_dir=save_directory, overwrite=overwrite)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        revision: str | None = None,
+    ):
+        """Save the last merge/forget to a temporary folder and upload it as one commit to ``repo_id``.
+
+        ``create_repo(exist_ok=True)`` then ``upload_folder`` (weights go through LFS); returns the ``CommitInfo``.
+        Upload errors propagate as ``huggingface_hub`` errors; nothing local is touched.
+        """
+        from huggingface_hub import HfApi
+
+        if self._last_operation is None:
+            raise ConfigError("Nothing to push: call merge(...) or forget(...) first.")
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        kind = self._last_operation[0]
+        message = commit_message or f"hf_sta: {'merge' if kind == 'merge' else 'forget'} with hf_sta"
+        with tempfile.TemporaryDirectory(prefix="hf_sta-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model")
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=message,
+                create_pr=create_pr,
+                revision=revision,
+                repo_type="model",
+            )
 
     # -- write ---------------------------------------------------------------------------------------------------------
     def _emit(
