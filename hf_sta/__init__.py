@@ -4,6 +4,7 @@ from .config import MergeConfig
 from .errors import CheckpointError, ConfigError, HfStaError
 from .merger import STAMerger
 from .methods import get_merge_method, list_merge_methods, register_merge_method
+from .statistics import reestimate_batchnorm
 from .task_vector import TaskVector
 
 __version__ = "0.1.0"
@@ -18,5 +19,6 @@ __all__ = [
     "get_merge_method",
     "list_merge_methods",
     "register_merge_method",
+    "reestimate_batchnorm",
     "__version__",
 ]

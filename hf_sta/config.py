@@ -80,7 +80,8 @@ class MergeConfig(_ConfigMixin):
     Args:
         method: a registered merge method (``hf_sta.methods.list_merge_methods()``).
         scaling: the global coefficient lambda applied to the combined delta.
-        weights: per-task weights (a mapping task -> weight, or a list in task order); default 1 each.
+        weights: per-task weights (a mapping task -> weight, or a list in task order, or ``"num_samples"`` for
+            shipped task vectors); default 1 each.
         tasks: the tasks to merge (default: all loaded tasks).
         params: the method's own parameters (``density``, ``majority_sign_method``, ...).
         seed: seeds random methods (DARE); each tensor draws from ``seed`` and its name, so results do not depend
@@ -91,7 +92,7 @@ class MergeConfig(_ConfigMixin):
 
     method: str = "task_arithmetic"
     scaling: float = 1.0
-    weights: dict[str, float] | list[float] | None = None
+    weights: dict[str, float] | list[float] | str | None = None
     tasks: list[str] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0

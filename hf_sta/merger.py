@@ -142,6 +142,46 @@ class STAMerger:
         sources["base"] = str(base_model) if isinstance(base_model, str | os.PathLike) else "<in-memory>"
         return cls(base, task_vectors, sources=sources, trust_remote_code=trust_remote_code)
 
+    @classmethod
+    def from_task_vectors(
+        cls,
+        base_model: CheckpointInput,
+        task_vectors: Mapping[str, PathOrRepo | TaskVector],
+        *,
+        importance: Mapping[str, PathOrRepo] | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        trust_remote_code: bool = False,
+    ) -> STAMerger:
+        """Merge task vectors shipped as files (data vectors): each site fine-tunes the common base on its private
+        data and ships only ``tau_s`` (``TaskVector.save``) and optionally its importance (``save_importance``).
+
+        Every shipped tensor must exist in the base with the same shape. ``merge(weights="num_samples")`` weights the
+        sites by the ``num_samples`` recorded in their files.
+        """
+        base = open_checkpoint(base_model, name="base", revision=revision, token=token, cache_dir=cache_dir)
+        vectors: dict[str, TaskVector] = {}
+        sources: dict[str, str] = {}
+        for name, item in task_vectors.items():
+            validate_task_name(name)
+            vector = item if isinstance(item, TaskVector) else TaskVector.load(item, name=name)
+            for key in vector.keys():
+                if key not in base:
+                    raise CheckpointError(f"Task vector '{name}' has tensor '{key}', which the base does not have.")
+                if tuple(vector.shape(key)) != tuple(base.shape(key)):
+                    raise CheckpointError(
+                        f"Task vector '{name}': '{key}' has shape {list(vector.shape(key))}, the base "
+                        f"{list(base.shape(key))}."
+                    )
+            vectors[name] = vector
+            sources[name] = str(item) if not isinstance(item, TaskVector) else vector.name
+        sources["base"] = str(base_model) if isinstance(base_model, str | os.PathLike) else "<in-memory>"
+        merger = cls(base, vectors, sources=sources, trust_remote_code=trust_remote_code)
+        for name, path in (importance or {}).items():
+            merger.load_importance(name, path)
+        return merger
+
     @property
     def tasks(self) -> list[str]:
         return list(self.task_vectors)
@@ -157,9 +197,19 @@ class STAMerger:
             raise ConfigError("No task selected to merge.")
         return chosen
 
-    def _weights(self, tasks: list[str], weights: Mapping[str, float] | Sequence[float] | None) -> torch.Tensor:
+    def _weights(self, tasks: list[str], weights: Mapping[str, float] | Sequence[float] | str | None) -> torch.Tensor:
         if weights is None:
             return torch.ones(len(tasks))
+        if weights == "num_samples":
+            counts = []
+            for task in tasks:
+                count = getattr(self.task_vectors[task], "metadata", {}).get("num_samples")
+                if count is None:
+                    raise ConfigError(f"weights='num_samples': task vector '{task}' records no num_samples.")
+                counts.append(float(count))
+            return torch.tensor(counts) / sum(counts) * len(tasks)
+        if isinstance(weights, str):
+            raise ConfigError(f"weights must be a mapping, a list or 'num_samples', got {weights!r}.")
         if isinstance(weights, Mapping):
             unknown = sorted(set(weights) - set(tasks))
             if unknown:
@@ -442,7 +492,7 @@ class STAMerger:
         method: str = "task_arithmetic",
         *,
         scaling: float = 1.0,
-        weights: Mapping[str, float] | Sequence[float] | None = None,
+        weights: Mapping[str, float] | Sequence[float] | str | None = None,
         tasks: Sequence[str] | None = None,
         output_dir: str | os.PathLike | None = None,
         overwrite: bool = False,
@@ -458,7 +508,8 @@ class STAMerger:
                 ``dare_ties``, ``magnitude_prune``, ``breadcrumbs``, ...). ``sta`` needs importance scores
                 (:meth:`compute_importance` or :meth:`load_importance`).
             scaling: lambda, applied to the combined delta.
-            weights: per-task weights (mapping or list in task order).
+            weights: per-task weights (mapping or list in task order), or ``"num_samples"`` to weight shipped task
+                vectors by the sample counts recorded in them (normalised to mean 1).
             tasks: subset of tasks to merge (default all).
             output_dir: when given, stream the result to this folder (safetensors shards + index, config and
                 tokenizer from the base, task heads under ``heads/<task>.safetensors``, the recipe) and return its
@@ -474,7 +525,9 @@ class STAMerger:
         config = MergeConfig(
             method=method,
             scaling=scaling,
-            weights=dict(weights) if isinstance(weights, Mapping) else (list(weights) if weights else None),
+            weights=dict(weights)
+            if isinstance(weights, Mapping)
+            else (weights if isinstance(weights, str) or weights is None else list(weights)),
             tasks=list(tasks) if tasks is not None else None,
             params=params,
             seed=seed,
