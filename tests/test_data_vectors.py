@@ -23,7 +23,6 @@ def shipped(tmp_path, llama_checkpoints):
 
 def test_uniform_and_sample_weighted_merges(shipped, llama_checkpoints):
     merger = STAMerger.from_task_vectors(llama_checkpoints.base, {s: p for s, (p, _) in shipped.items()})
-    base = load_state_dict(llama_checkpoints.base)
     fts = {s: load_state_dict(p) for s, p in llama_checkpoints.finetuned.items()}
     key = "model.layers.0.self_attn.v_proj.weight"
     uniform = merger.merge(method="average").state_dict()[key]
