@@ -1,0 +1,119 @@
+"""Tests for hf_sta.methods.dare: properties of the random drop, and equality with PEFT given the same draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from hf_sta.methods.dare import dare_drop, dare_linear, dare_ties
+
+pytestmark = pytest.mark.filterwarnings("ignore:The density .* no pruning will be performed")
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def restore_global_rng():
+    state = torch.get_rng_state()
+    yield
+    torch.set_rng_state(state)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("shape", [(3, 500), (2, 20, 30)])
+def test_dare_linear_matches_peft_with_same_seed(restore_global_rng, density, shape):
+    task_tensors = torch.randn(shape, generator=seeded(0))
+    weights = torch.tensor([1.0, -0.5, 2.0][: shape[0]])
+    torch.manual_seed(123)  # PEFT draws from the global generator, task after task, as we do from `generator`
+    expected = merge_utils.dare_linear(list(task_tensors), weights, density)
+    out = dare_linear(task_tensors, weights, generator=seeded(123), density=density)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("majority_sign_method", ["total", "frequency"])
+@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+def test_dare_ties_matches_peft_with_same_seed(restore_global_rng, majority_sign_method, density):
+    task_tensors = torch.randn(3, 40, 25, generator=seeded(1))
+    weights = torch.tensor([0.5, 1.0, 1.5])
+    torch.manual_seed(7)
+    expected = merge_utils.dare_ties(list(task_tensors), weights, density, majority_sign_method)
+    out = dare_ties(
+        task_tensors, weights, generator=seeded(7), density=density, majority_sign_method=majority_sign_method
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+
+
+def test_matches_peft_given_the_same_mask(monkeypatch):
+    """Independent of the random stream: feed PEFT our masks through torch.bernoulli."""
+    task_tensors = torch.randn(3, 300, generator=seeded(2))
+    weights = torch.tensor([1.0, 2.0, -1.0])
+    density = 0.3
+    dropped = dare_drop(task_tensors, density, generator=seeded(5))
+    masks = iter((dropped != 0).float())
+    monkeypatch.setattr(torch, "bernoulli", lambda probabilities: next(masks))
+    expected = merge_utils.dare_ties(list(task_tensors), weights, density, "total")
+    monkeypatch.undo()
+    out = dare_ties(task_tensors, weights, generator=seeded(5), density=density)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+
+
+def test_kept_fraction_and_exact_rescale():
+    tau = torch.randn(2, 200_000, generator=seeded(3))
+    for density in (0.1, 0.5, 0.9):
+        dropped = dare_drop(tau, density, generator=seeded(4))
+        kept = dropped != 0
+        for task in range(2):
+            fraction = kept[task].float().mean().item()
+            assert abs(fraction - density) < 5 * (density * (1 - density) / 200_000) ** 0.5
+        assert torch.equal(dropped[kept], tau[kept] / density)  # exactly tau / density on kept entries
+        unscaled = dare_drop(tau, density, rescale=False, generator=seeded(4))
+        assert torch.equal(unscaled != 0, kept) and torch.equal(unscaled[kept], tau[kept])
+
+
+def test_expectation_over_many_draws():
+    tau = torch.randn(1, 64, generator=seeded(5))
+    density, draws = 0.3, 4000
+    generator = seeded(6)
+    total = torch.zeros(64)
+    for _ in range(draws):
+        total += dare_linear(tau, torch.ones(1), generator=generator, density=density)
+    mean = total / draws
+    std_of_mean = tau[0].abs() * ((1 - density) / density / draws) ** 0.5
+    assert ((mean - tau[0]).abs() <= 5 * std_of_mean + 1e-6).all()
+
+
+def test_determinism_and_generator_use(restore_global_rng):
+    task_tensors = torch.randn(3, 1000, generator=seeded(7))
+    weights = torch.ones(3)
+    for kernel in (dare_linear, dare_ties):
+        first = kernel(task_tensors, weights, generator=seeded(11), density=0.5)
+        assert torch.equal(first, kernel(task_tensors, weights, generator=seeded(11), density=0.5))
+        assert not torch.equal(first, kernel(task_tensors, weights, generator=seeded(12), density=0.5))
+        # generator=None uses (and advances) the global generator.
+        torch.manual_seed(11)
+        assert torch.equal(first, kernel(task_tensors, weights, density=0.5))
+
+
+def test_density_one_is_deterministic_and_draws_nothing():
+    task_tensors = torch.randn(2, 50, generator=seeded(8))
+    generator = seeded(9)
+    state = generator.get_state()
+    out = dare_linear(task_tensors, torch.tensor([1.0, 3.0]), generator=generator, density=1.0)
+    assert torch.equal(generator.get_state(), state)
+    torch.testing.assert_close(out, task_tensors[0] + 3 * task_tensors[1])
+
+
+def test_inputs_unchanged_and_bad_density():
+    task_tensors = torch.randn(3, 100)
+    before = task_tensors.clone()
+    dare_ties(task_tensors, torch.ones(3), generator=seeded(0), density=0.5)
+    dare_linear(task_tensors, torch.ones(3), generator=seeded(0), density=0.5)
+    assert torch.equal(task_tensors, before)
+    for density in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+            dare_linear(task_tensors, torch.ones(3), density=density)
+        with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
+            dare_ties(task_tensors, torch.ones(3), density=density)

@@ -1,0 +1,109 @@
+"""Tests for hf_sta.methods.ties against peft.utils.merge_utils.ties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from hf_sta.methods import selection
+from hf_sta.methods.selection import density_to_k, kth_largest_threshold
+from hf_sta.methods.ties import sign_elected_disjoint_mean, ties
+
+pytestmark = pytest.mark.filterwarnings("ignore:The density .* no pruning will be performed")
+
+
+@pytest.fixture(params=["kthvalue", "sampled"])
+def path(request, monkeypatch):
+    if request.param == "sampled":
+        monkeypatch.setattr(selection, "_SAMPLING_MIN_NUMEL", 0)
+        monkeypatch.setattr(selection, "_SAMPLE_SIZE", 512)
+    return request.param
+
+
+@pytest.mark.parametrize("majority_sign_method", ["total", "frequency"])
+@pytest.mark.parametrize("shape", [(3, 2000), (2, 30, 40), (4, 6, 7, 8), (1, 500)])
+@pytest.mark.parametrize("density", [0.1, 0.2, 0.6, 1.0])
+def test_matches_peft_without_ties(path, majority_sign_method, shape, density):
+    generator = torch.Generator().manual_seed(0)
+    task_tensors = torch.randn(shape, generator=generator, dtype=torch.float64).float()
+    weights = torch.tensor([1.0, 0.3, -0.7, 2.0][: shape[0]])
+    expected = merge_utils.ties(list(task_tensors), weights, density, majority_sign_method)
+    out = ties(task_tensors, weights, density=density, majority_sign_method=majority_sign_method)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("majority_sign_method", ["total", "frequency"])
+def test_large_tensor_default_path(majority_sign_method):
+    generator = torch.Generator().manual_seed(1)
+    task_tensors = torch.randn(3, 300_000, generator=generator, dtype=torch.float64).float()
+    weights = torch.tensor([1.0, 0.5, 1.5])
+    expected = merge_utils.ties(list(task_tensors), weights, 0.2, majority_sign_method)
+    out = ties(task_tensors, weights, density=0.2, majority_sign_method=majority_sign_method)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("majority_sign_method", ["total", "frequency"])
+def test_ties_at_cutoff_agree_away_from_it(path, majority_sign_method):
+    generator = torch.Generator().manual_seed(2)
+    task_tensors = torch.randint(-6, 7, (3, 50, 40), generator=generator).float() / 8
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    density = 0.25
+    k = density_to_k(2000, density)
+    out = ties(task_tensors, weights, density=density, majority_sign_method=majority_sign_method)
+    expected = merge_utils.ties(list(task_tensors), weights, density, majority_sign_method)
+    # Trimming, election and the disjoint mean are entrywise: only entries at some task's cut-off can differ.
+    away = torch.ones(50, 40, dtype=torch.bool)
+    for task in range(3):
+        magnitudes = task_tensors[task].abs()
+        away &= magnitudes != kth_largest_threshold(magnitudes, k)
+    assert away.sum() > 100
+    assert torch.equal(out[away], expected[away])
+
+
+def test_exactly_k_kept_with_ties(path):
+    task_tensors = torch.randint(1, 4, (1, 30, 30), generator=torch.Generator().manual_seed(3)).float()
+    task_tensors[0, ::2] *= -1
+    out = ties(task_tensors, torch.ones(1), density=0.3)
+    assert int(torch.count_nonzero(out)) == density_to_k(900, 0.3)
+
+
+def test_closed_form_small():
+    # density 1 (no trim). Entry 0: signs +,+,- ; total = 2 + 1 - 4 = -1 -> elected -, only task 2 agrees.
+    # Entry 1: +3, -1, +1 -> total 3 -> +, tasks 0 and 2 agree -> (w0*3 + w2*1) / 2.
+    # Entry 2: all zero -> 0.
+    task_tensors = torch.tensor([[2.0, 3.0, 0.0], [1.0, -1.0, 0.0], [-4.0, 1.0, 0.0]])
+    weights = torch.tensor([1.0, 1.0, 2.0])
+    out = ties(task_tensors, weights, density=1.0, majority_sign_method="total")
+    assert torch.equal(out, torch.tensor([-8.0, 2.5, 0.0]))
+    # frequency: entry 0 votes +,+,- -> +, tasks 0 and 1 -> (2 + 1) / 2.
+    out = ties(task_tensors, weights, density=1.0, majority_sign_method="frequency")
+    assert torch.equal(out, torch.tensor([1.5, 2.5, 0.0]))
+
+
+def test_sign_tie_elects_plus():
+    task_tensors = torch.tensor([[1.0], [-1.0]])
+    assert torch.equal(ties(task_tensors, torch.ones(2), density=1.0), torch.tensor([1.0]))
+    assert torch.equal(ties(task_tensors, torch.ones(2), density=1.0, majority_sign_method="frequency"), torch.ones(1))
+
+
+def test_inputs_unchanged():
+    task_tensors = torch.randn(3, 40, 30)
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    before = task_tensors.clone()
+    ties(task_tensors, weights, density=0.2)
+    ties(task_tensors, weights, density=0.2, majority_sign_method="frequency")
+    assert torch.equal(task_tensors, before) and torch.equal(weights, torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_bad_majority_sign_method():
+    with pytest.raises(ValueError, match="majority_sign_method must be one of"):
+        ties(torch.randn(2, 5), torch.ones(2), majority_sign_method="sum")
+    with pytest.raises(ValueError, match="majority_sign_method must be one of"):
+        sign_elected_disjoint_mean(lambda task: torch.ones(3), torch.ones(2), "mean")
+
+
+def test_many_tasks_count_dtype():
+    # More than 255 tasks switch the agreement count from uint8 to int32.
+    task_tensors = torch.ones(300, 4)
+    assert torch.equal(ties(task_tensors, torch.ones(300), density=1.0), torch.ones(4))
