@@ -1,0 +1,660 @@
+"""Model cards of hf_sta outputs: ``model_cards/{merged,forgotten,adapter}.md`` rendered with ``huggingface_hub``.
+
+:func:`write_model_card` writes ``README.md`` (and ``importance.png`` when importance scores were used) next to the
+weights. The card's metadata lists every input model that is a Hub repo in ``base_model`` (the Hub reads a list as a
+merge: ``base_model_relation: merge``), ``library_name``, ``tags``, the calibration ``datasets`` and, when given,
+``eval_results`` (``model-index``). Its body names the method (pretty name, paper), the inputs and their roles, every
+parameter with its documentation from the registry, the fraction of entries kept per layer and task, the importance
+per layer, and the command that reproduces the model.
+
+An existing card is updated, not overwritten (as PEFT's ``create_or_update_model_card`` does): its text outside the
+``<!-- hf_sta:start -->`` ... ``<!-- hf_sta:end -->`` section is kept and its metadata is merged with the new one.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from huggingface_hub import EvalResult, ModelCard
+
+    from .importance import ImportanceScores
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SECTION_START",
+    "SECTION_END",
+    "IMPORTANCE_PLOT",
+    "card_kind",
+    "group_by_layer",
+    "hub_model_id",
+    "importance_by_layer",
+    "layer_of",
+    "layer_sort_key",
+    "md_escape",
+    "render_model_card",
+    "template_path",
+    "write_model_card",
+]
+
+SECTION_START = "<!-- hf_sta:start -->"
+SECTION_END = "<!-- hf_sta:end -->"
+CARD_NAME = "README.md"
+RECIPE_NAME = "hf_sta_config.yaml"
+IMPORTANCE_PLOT = "importance.png"
+OTHER_LAYER = "other"
+
+_TEMPLATES = {"merged": "merged.md", "forgotten": "forgotten.md", "adapter": "adapter.md"}
+_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
+# `model.layers.3.mlp.up_proj.weight` -> `model.layers.3`; `encoder.layer.0...` -> `encoder.layer.0`; GPT-2's `h.5`.
+_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|blocks|block|h)\.(\d+))(?:\.|$)")
+_HUB_CACHE = re.compile(r"(?:^|/)models--([\w.-]+?)--([\w.-]+)/snapshots/[0-9a-f]+/?$")
+_SECTION = re.compile(
+    rf"^{re.escape(SECTION_START)}[ \t]*$.*?^{re.escape(SECTION_END)}[ \t]*$(?:\r?\n)?", re.MULTILINE | re.DOTALL
+)
+# Markdown characters that could start formatting, links, tables or HTML inside a value.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-!|~])")
+
+_COMMON_PARAMETER_DOCS = {
+    "scaling": "Global coefficient lambda: theta = theta_0 + lambda * delta.",
+    "weights": "Per-task weights w_t applied to the task vectors (default 1 each).",
+    "tasks": "The tasks merged (default: every input).",
+    "seed": "Seed of random methods; each tensor draws from the seed and its name.",
+    "torch_dtype": "Output dtype of floating tensors (default: the base model's).",
+    "max_shard_size": "Output shard budget.",
+}
+_FORGET_PARAMETER_DOCS = {
+    "task": "The task forgotten: its task vector tau_f = theta_f - theta_0 is subtracted.",
+    "method": "'sta' subtracts only the task's important entries m_f * tau_f; 'negation' the whole task vector.",
+    "scaling": "How much of the (selected) task vector is subtracted: theta' = theta - scaling * m_f * tau_f.",
+    "target": "The model edited: the base (empty), a loaded task's fine-tuned model, or a checkpoint.",
+    "torch_dtype": _COMMON_PARAMETER_DOCS["torch_dtype"],
+    "max_shard_size": _COMMON_PARAMETER_DOCS["max_shard_size"],
+}
+_NEGATION = {
+    "pretty_name": "Task-vector negation",
+    "paper_title": "Editing Models with Task Arithmetic",
+    "paper_url": "https://arxiv.org/abs/2212.04089",
+    "description": "Subtract the whole task vector of the forgotten task.",
+}
+_INPUT_ROLES = {"models": "fine-tuned model", "adapters": "LoRA adapter", "task_vectors": "task vector"}
+
+
+# -- templates --------------------------------------------------------------------------------------------------------
+def template_path(kind: str) -> Path:
+    """The Jinja template of a card ``kind`` (``merged``, ``forgotten``, ``adapter``).
+
+    Looked up in the repository's top-level ``model_cards/`` (a source checkout or an editable install), else in the
+    ``hf_sta/model_cards/`` package data of an installed wheel.
+    """
+    if kind not in _TEMPLATES:
+        raise ValueError(f"Unknown model card kind {kind!r}; expected one of {', '.join(_TEMPLATES)}.")
+    package = Path(__file__).resolve().parent
+    for folder in (package.parent / "model_cards", package / "model_cards"):
+        candidate = folder / _TEMPLATES[kind]
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"Model card template '{_TEMPLATES[kind]}' not found in {package.parent / 'model_cards'} or "
+        f"{package / 'model_cards'}: the installation is incomplete."
+    )
+
+
+def card_kind(recipe: Mapping[str, Any]) -> str:
+    """``"adapter"`` when the recipe writes a PEFT adapter, ``"forgotten"`` for a ``forget`` recipe, else ``"merged"``."""
+    if recipe.get("output_format") == "adapter":
+        return "adapter"
+    return "forgotten" if "forget" in recipe else "merged"
+
+
+# -- escaping ---------------------------------------------------------------------------------------------------------
+def md_escape(value: Any) -> str:
+    """``value`` as inline Markdown text: one line, HTML-escaped, formatting characters (``|``, `````, ``*`` ...)
+    backslash-escaped, so task names, paths and repo ids cannot break a table or inject markup."""
+    text = " ".join(str(value).split())
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
+
+
+def md_prose(text: Any) -> str:
+    """Trusted text (registry docs, paper titles) for a table cell: one line, HTML-escaped, ``|`` escaped."""
+    return html.escape(" ".join(str(text).split()), quote=False).replace("|", "\\|")
+
+
+def md_code_block(text: str, language: str = "") -> str:
+    """A fenced code block whose fence is longer than any run of backticks in ``text``."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text.rstrip()}\n{fence}"
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "default"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+# -- sources ----------------------------------------------------------------------------------------------------------
+def hub_model_id(source: Any) -> str | None:
+    """The Hub repo id of a model ``source``, or ``None`` for local paths and in-memory inputs.
+
+    A path inside the Hub cache (``.../models--org--name/snapshots/<sha>``) gives ``org/name``. Only repo ids go into
+    the card's ``base_model`` metadata: the Hub rejects other values there.
+    """
+    if not isinstance(source, str | os.PathLike) or not str(source).strip():
+        return None
+    text = str(source).strip()
+    cached = _HUB_CACHE.search(text.replace(os.sep, "/"))
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    if Path(text).expanduser().exists() or text.startswith(("<", ".", "/", "~")):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return None
+    return text
+
+
+def _hub_dataset_id(data: Any) -> str | None:
+    if not isinstance(data, str) or not data.strip():
+        return None
+    if data.lower().endswith(_DATA_SUFFIXES) or Path(data).expanduser().exists():
+        return None
+    return hub_model_id(data)  # same naming rules as model repos
+
+
+def _source_cell(source: Any) -> str:
+    repo_id = hub_model_id(source)
+    if repo_id is not None:
+        return f"[{md_escape(repo_id)}](https://huggingface.co/{repo_id})"
+    return md_escape(source) if source else "(in memory)"
+
+
+# -- statistics -------------------------------------------------------------------------------------------------------
+def layer_of(name: str) -> str:
+    """The layer a tensor belongs to: ``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``; tensors outside
+    numbered blocks (embeddings, final norm, heads) -> ``"other"``."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else OTHER_LAYER
+
+
+def layer_sort_key(layer: str) -> tuple:
+    if layer == OTHER_LAYER:
+        return (1, "", 0)
+    prefix, _, index = layer.rpartition(".")
+    return (0, prefix, int(index))
+
+
+def group_by_layer(values: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """``{tensor: {task: value}}`` -> ``{layer: {task: mean over the layer's tensors}}`` (unweighted), layers in
+    model order and ``"other"`` last."""
+    sums: dict[str, dict[str, list[float]]] = {}
+    for tensor, per_task in values.items():
+        bucket = sums.setdefault(layer_of(tensor), {})
+        for task, value in per_task.items():
+            bucket.setdefault(task, []).append(float(value))
+    return {
+        layer: {task: sum(items) / len(items) for task, items in sums[layer].items()}
+        for layer in sorted(sums, key=layer_sort_key)
+    }
+
+
+def importance_by_layer(importance: Mapping[str, ImportanceScores]) -> dict[str, dict[str, float]]:
+    """Mean normalised importance per layer and task: per tensor ``mean(I / max(I))`` (STA's default ``"max"``
+    normalisation; an all-zero tensor scores 0), averaged over the layer's tensors. Reads one tensor at a time."""
+    per_tensor: dict[str, dict[str, float]] = {}
+    for task, scores in importance.items():
+        for key in scores.keys():
+            tensor = scores[key]
+            peak = float(tensor.max()) if tensor.numel() else 0.0
+            mean = float(tensor.mean()) / peak if peak > 0 and math.isfinite(peak) else 0.0
+            per_tensor.setdefault(key, {})[task] = mean
+    return group_by_layer(per_tensor)
+
+
+def _layer_rows(stats: Mapping[str, Mapping[str, float]], tasks: list[str], percent: bool) -> list[list[str]]:
+    rows = []
+    for layer, per_task in stats.items():
+        cells = [md_escape(layer)]
+        for task in tasks:
+            value = per_task.get(task)
+            if value is None:
+                cells.append("")
+            else:
+                cells.append(f"{100 * value:.1f}%" if percent else f"{value:.3f}")
+        rows.append(cells)
+    return rows
+
+
+def plot_importance(stats: Mapping[str, Mapping[str, float]], path: Path, *, title: str) -> Path | None:
+    """Write the per-layer importance plot (PNG, matplotlib's Agg canvas, no global backend change); ``None`` when
+    matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.info("matplotlib is not installed: the model card has no importance plot (pip install matplotlib).")
+        return None
+    layers = list(stats)
+    tasks = sorted({task for per_task in stats.values() for task in per_task})
+    figure = Figure(figsize=(max(6.0, 0.3 * len(layers) + 2.0), 3.6), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for task in tasks:
+        axes.plot(
+            range(len(layers)),
+            [stats[layer].get(task, float("nan")) for layer in layers],
+            marker="o",
+            markersize=3,
+            label=task,
+        )
+    axes.set_xticks(range(len(layers)))
+    axes.set_xticklabels(layers, rotation=90, fontsize=7)
+    axes.set_ylabel("mean of I / max I")
+    axes.set_title(title, fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return path
+
+
+# -- rendering --------------------------------------------------------------------------------------------------------
+def _method_info(name: str) -> dict[str, Any]:
+    if name == "negation":
+        return {"name": name, **_NEGATION, "parameters": {}}
+    from .methods import get_merge_method
+
+    try:
+        spec = get_merge_method(name)
+    except ValueError:
+        return {
+            "name": name,
+            "pretty_name": name,
+            "paper_title": None,
+            "paper_url": None,
+            "description": "",
+            "parameters": {},
+        }
+    return {
+        "name": spec.name,
+        "pretty_name": spec.pretty_name,
+        "paper_title": spec.paper_title,
+        "paper_url": spec.paper_url,
+        "description": spec.description,
+        "parameters": {p.name: p for p in spec.parameters},
+    }
+
+
+def _method_context(info: Mapping[str, Any]) -> dict[str, str]:
+    title = md_prose(info["paper_title"]) if info.get("paper_title") else ""
+    url = info.get("paper_url")
+    paper = f"[{title}]({url})" if url and title else (f"*{title}*" if title else "")
+    return {
+        "name": md_escape(info["name"]),
+        "pretty_name": md_prose(info["pretty_name"]),
+        "paper": paper,
+        "description": md_prose(info.get("description") or ""),
+    }
+
+
+def _parameter_rows(section: Mapping[str, Any], docs: Mapping[str, str], method: Mapping[str, Any]) -> list[dict]:
+    rows = []
+    for key, doc in docs.items():
+        if key in section:
+            rows.append(
+                {"name": md_escape(key), "value": md_escape(_format_value(section[key])), "doc": md_prose(doc)}
+            )
+    parameters = method["parameters"]
+    params = dict(section.get("params") or {})
+    for name, parameter in parameters.items():
+        value = params.pop(name, parameter.default)
+        doc = parameter.doc + (f" Allowed: {parameter.interval}." if parameter.interval else "")
+        if parameter.choices:
+            doc += f" One of: {', '.join(map(str, parameter.choices))}."
+        rows.append({"name": md_escape(name), "value": md_escape(_format_value(value)), "doc": md_prose(doc)})
+    for name, value in params.items():  # parameters the registry does not document (a newer recipe)
+        rows.append({"name": md_escape(name), "value": md_escape(_format_value(value)), "doc": ""})
+    return rows
+
+
+def _eval_results(items: Sequence[Mapping[str, Any] | EvalResult] | None) -> list[EvalResult] | None:
+    if not items:
+        return None
+    from huggingface_hub import EvalResult
+
+    results = []
+    for index, item in enumerate(items):
+        if isinstance(item, EvalResult):
+            results.append(item)
+            continue
+        try:
+            results.append(EvalResult(**dict(item)))
+        except TypeError as err:
+            raise ConfigError(
+                f"eval_results[{index}]: {err}; expected the fields of huggingface_hub.EvalResult (task_type, "
+                "dataset_type, dataset_name, metric_type, metric_value, ...)."
+            ) from err
+    return results
+
+
+def _default_model_name(folder: Path) -> str:
+    name = folder.name
+    building = re.fullmatch(r"\.(.+)\.tmp-[^/]+", name)  # AtomicOutputDir's temporary build folder
+    if building:
+        return building.group(1)
+    return name if name and not name.startswith(".") else "hf-sta-model"
+
+
+def render_model_card(
+    *,
+    recipe: Mapping[str, Any],
+    kept_fraction: Mapping[str, Mapping[str, float]] | None = None,
+    importance: Mapping[str, ImportanceScores] | None = None,
+    importance_layers: Mapping[str, Mapping[str, float]] | None = None,
+    eval_results: Sequence[Mapping[str, Any] | EvalResult] | None = None,
+    model_name: str = "hf-sta-model",
+    plot: str | None = None,
+) -> ModelCard:
+    """The card of one hf_sta output (not merged with an existing card; see :func:`write_model_card`).
+
+    Args:
+        recipe: what the merger writes to ``hf_sta_config.yaml`` (``base_model``, ``models`` / ``adapters`` /
+            ``task_vectors``, ``importance``, and a ``merge`` or ``forget`` section; ``output_format: adapter``).
+        kept_fraction: ``{tensor name: {task: fraction of entries kept}}``; shown per layer.
+        importance: the importance scores used, per task (metric and calibration size are shown).
+        importance_layers: precomputed :func:`importance_by_layer` of ``importance`` (computed here otherwise).
+        eval_results: ``huggingface_hub.EvalResult`` objects or dicts of their fields (-> ``model-index``).
+        model_name: the card's title and the ``model-index`` name.
+        plot: file name of the importance plot to show, if one was written.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    kind = card_kind(recipe)
+    forget = recipe.get("forget") or {}
+    merge = recipe.get("merge") or {}
+    section = forget if kind == "forgotten" or (kind == "adapter" and forget) else merge
+    method_name = str(section.get("method") or ("sta" if section is forget else "task_arithmetic"))
+    method = _method_info(method_name)
+    if section is forget:
+        docs = _FORGET_PARAMETER_DOCS
+        if method_name == "negation":
+            method = {**method, "parameters": {}}
+        else:  # forgetting selects with STA's masks; `overlap` is a merge option
+            method = {**method, "parameters": {k: v for k, v in method["parameters"].items() if k != "overlap"}}
+    else:
+        docs = _COMMON_PARAMETER_DOCS
+
+    base_model = recipe.get("base_model")
+    inputs = [{"role": "base model", "task": "", "source": _source_cell(base_model)}]
+    sources: list[Any] = [base_model]
+    merged_tasks = merge.get("tasks") if section is merge else None
+    weights = merge.get("weights") if section is merge else None
+    for group, role in _INPUT_ROLES.items():
+        for task, source in (recipe.get(group) or {}).items():
+            if merged_tasks and task not in merged_tasks:
+                continue
+            if isinstance(weights, Mapping) and task in weights:
+                role_text = f"{role} (weight {_format_value(weights[task])})"
+            else:
+                role_text = role
+            if section is forget:
+                role_text = f"{role}, forgotten" if task == forget.get("task") else role
+            inputs.append({"role": md_escape(role_text), "task": md_escape(task), "source": _source_cell(source)})
+            sources.append(source)
+    target = forget.get("target") if section is forget else None
+    all_tasks = {t for group in _INPUT_ROLES for t in (recipe.get(group) or {})}
+    if target and target not in all_tasks:
+        inputs.append({"role": "edited model", "task": "", "source": _source_cell(target)})
+        sources.append(target)
+    edited = (
+        "the base model"
+        if not target
+        else (f"the fine-tuned model of task {md_escape(target)}" if target in all_tasks else _source_cell(target))
+    )
+
+    hub_ids = list(dict.fromkeys(i for i in map(hub_model_id, sources) if i))
+    tags = ["hf-sta", "forget" if section is forget else "merge", method_name]
+    if kind == "adapter":
+        tags += ["peft", "lora"]
+    data_config: dict[str, Any] = {"tags": tags}
+    if kind == "adapter":
+        base_id = hub_model_id(base_model)
+        data_config["library_name"] = "peft"
+        if base_id:
+            data_config.update(base_model=base_id, base_model_relation="adapter")
+    else:
+        data_config["library_name"] = "transformers"
+        if len(hub_ids) > 1:
+            data_config.update(base_model=hub_ids, base_model_relation="merge")
+        elif hub_ids:
+            data_config["base_model"] = hub_ids[0]
+
+    importance_config = recipe.get("importance") or {}
+    datasets = [
+        d
+        for d in (_hub_dataset_id((c or {}).get("data")) for c in importance_config.values() if isinstance(c, Mapping))
+        if d
+    ]
+    if datasets:
+        data_config["datasets"] = list(dict.fromkeys(datasets))
+    results = _eval_results(eval_results)
+    if results:
+        data_config.update(eval_results=results, model_name=model_name)
+    card_data = ModelCardData(**data_config)
+
+    context: dict[str, Any] = {
+        "title": md_escape(model_name),
+        "kind": kind,
+        "method": _method_context(method),
+        "inputs": inputs,
+        "parameters": _parameter_rows(section, docs, method),
+        "base": _source_cell(base_model),
+        # a Python string literal for code blocks: repo ids cannot hold backticks or quotes
+        "base_literal": json.dumps(hub_model_id(base_model) or "BASE_MODEL"),
+        "num_tasks": len(inputs) - 1 - (1 if target and target not in all_tasks else 0),
+        "forget_task": md_escape(forget.get("task", "")),
+        "edited": edited,
+        "adapter_options": [
+            {"name": md_escape(k), "value": md_escape(_format_value(v))}
+            for k, v in (recipe.get("adapter") or {}).items()
+        ],
+        "command": f"hf-sta {'forget' if section is forget else 'merge'} {RECIPE_NAME}",
+    }
+    if kept_fraction:
+        stats = group_by_layer(kept_fraction)
+        tasks = list(dict.fromkeys(t for per_task in stats.values() for t in per_task))
+        context["kept"] = {"tasks": [md_escape(t) for t in tasks], "rows": _layer_rows(stats, tasks, percent=True)}
+    if importance:
+        layers = importance_layers if importance_layers is not None else importance_by_layer(importance)
+        tasks = list(importance)
+        context["importance"] = {
+            "tasks": [md_escape(t) for t in tasks],
+            "rows": _layer_rows(layers, tasks, percent=False),
+            "plot": plot,
+            "summary": [
+                {
+                    "task": md_escape(task),
+                    "metric": md_escape(scores.metric),
+                    "samples": scores.num_samples,
+                    "data": _data_cell(importance_config.get(task), scores),
+                }
+                for task, scores in importance.items()
+            ],
+        }
+    if results:
+        context["evaluation"] = [
+            {
+                "task": md_escape(r.task_name or r.task_type),
+                "dataset": md_escape(r.dataset_name) + (f" ({md_escape(r.dataset_split)})" if r.dataset_split else ""),
+                "metric": md_escape(r.metric_name or r.metric_type),
+                "value": md_escape(_format_value(r.metric_value)),
+            }
+            for r in results
+        ]
+    recipe_text = _yaml_dump(recipe)
+    context["recipe"] = md_code_block(recipe_text, "yaml")
+    return ModelCard.from_template(card_data, template_path=str(template_path(kind)), **context)
+
+
+def _data_cell(config: Any, scores: ImportanceScores) -> str:
+    parts = []
+    if isinstance(config, Mapping) and config.get("data"):
+        data = str(config["data"])
+        dataset_id = _hub_dataset_id(data)
+        split = config.get("split")
+        if dataset_id:
+            parts.append(f"[{md_escape(dataset_id)}](https://huggingface.co/datasets/{dataset_id})")
+        else:
+            parts.append(md_escape(Path(data).name))
+        if split and dataset_id:
+            parts.append(f"split {md_escape(split)}")
+    elif isinstance(config, Mapping) and config.get("path"):
+        parts.append(f"from {md_escape(Path(str(config['path'])).name)}")
+    if scores.dataset_fingerprint:
+        parts.append(f"fingerprint {md_escape(scores.dataset_fingerprint)}")
+    if scores.metric == "magnitude":
+        parts.append("no data (|tau|)")
+    return ", ".join(parts) or "not recorded"
+
+
+def _yaml_dump(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True)
+
+
+def _plain(value: Any) -> Any:
+    """Recipes may hold paths, tuples or dataclass-like values: make them YAML-safe."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+# -- update an existing card ------------------------------------------------------------------------------------------
+def _merge_metadata(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Keys hf_sta owns (``base_model``, ``base_model_relation``, ``library_name``, and ``model-index`` when new
+    results are given) take the new value; ``tags`` and ``datasets`` are unions; everything else is kept."""
+    merged = dict(existing)
+    for key in ("tags", "datasets"):
+        old = existing.get(key) or []
+        old = [old] if isinstance(old, str) else list(old)
+        merged[key] = list(dict.fromkeys([*old, *(new.get(key) or [])]))
+        if not merged[key]:
+            merged.pop(key)
+    for key in ("base_model", "library_name", "model-index"):
+        if key in new:
+            merged[key] = new[key]
+    if "base_model" in new:
+        if "base_model_relation" in new:
+            merged["base_model_relation"] = new["base_model_relation"]
+        else:
+            merged.pop("base_model_relation", None)
+    return merged
+
+
+def _section(text: str) -> str:
+    match = _SECTION.search(text)
+    if match is None:  # a template without markers: the whole body is hf_sta's
+        return f"{SECTION_START}\n{text.strip()}\n{SECTION_END}\n"
+    return match.group(0) if match.group(0).endswith("\n") else match.group(0) + "\n"
+
+
+def update_card(existing: ModelCard, new: ModelCard) -> ModelCard:
+    """``existing`` with its hf_sta section replaced by ``new``'s (appended when it has none) and merged metadata."""
+    from huggingface_hub import ModelCard
+
+    section = _section(new.text)
+    text = existing.text
+    if _SECTION.search(text):
+        text = _SECTION.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip() + ("\n\n" if text.strip() else "") + section
+    metadata = _merge_metadata(existing.data.to_dict(), new.data.to_dict())
+    content = f"---\n{_yaml_dump(metadata)}---\n{text if text.startswith(chr(10)) else chr(10) + text}"
+    return ModelCard(content)
+
+
+def write_model_card(
+    folder: str | os.PathLike,
+    *,
+    recipe: Mapping[str, Any],
+    kept_fraction: Mapping[str, Mapping[str, float]] | None = None,
+    importance: Mapping[str, ImportanceScores] | None = None,
+    eval_results: Sequence[Mapping[str, Any] | EvalResult] | None = None,
+    existing_card: str | os.PathLike | None = None,
+    model_name: str | None = None,
+) -> Path:
+    """Write ``folder/README.md`` for an hf_sta output, and ``folder/importance.png`` when ``importance`` is given
+    (and matplotlib is installed). Returns the card's path.
+
+    Args:
+        folder: the output folder (weights already written).
+        recipe: the recipe written to ``hf_sta_config.yaml`` (see :func:`render_model_card`).
+        kept_fraction: ``{tensor: {task: fraction kept}}`` of an STA merge (``STAMerger.last_kept_fraction``).
+        importance: ``{task: ImportanceScores}`` used by the merge or forgetting; omit when none was used.
+        eval_results: evaluation results for the ``model-index`` metadata and an Evaluation section.
+        existing_card: a card to update (default: ``folder/README.md`` when it exists). Its text outside the
+            ``<!-- hf_sta:start -->`` / ``<!-- hf_sta:end -->`` section and its other metadata are kept.
+        model_name: title and ``model-index`` name (default: the existing card's ``model_name``, else the folder's
+            name).
+    """
+    from huggingface_hub import ModelCard
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    existing_path = Path(existing_card) if existing_card is not None else folder / CARD_NAME
+    if existing_card is not None and not existing_path.is_file():
+        raise FileNotFoundError(f"Existing model card '{existing_path}' does not exist.")
+    existing = ModelCard.load(existing_path, ignore_metadata_errors=True) if existing_path.is_file() else None
+    if model_name is None:
+        model_name = (existing.data.model_name if existing is not None else None) or _default_model_name(folder)
+
+    plot = None
+    layers = None
+    if importance:
+        layers = importance_by_layer(importance)
+        metrics = sorted({scores.metric for scores in importance.values()})
+        samples = ", ".join(f"{task}: {scores.num_samples}" for task, scores in importance.items())
+        title = f"Mean normalised importance per layer ({', '.join(metrics)}; samples {samples})"
+        written = plot_importance(layers, folder / IMPORTANCE_PLOT, title=title)
+        plot = IMPORTANCE_PLOT if written else None
+    card = render_model_card(
+        recipe=recipe,
+        kept_fraction=kept_fraction,
+        importance=importance,
+        importance_layers=layers,
+        eval_results=eval_results,
+        model_name=model_name,
+        plot=plot,
+    )
+    if existing is not None:
+        card = update_card(existing, card)
+    path = folder / CARD_NAME
+    card.save(path)
+    return path

@@ -1,0 +1,530 @@
+"""``hf-sta``: merge, forget, score, push and inspect from the command line, over the same recipes as the Python API.
+
+```
+hf-sta merge recipe.yaml [--dry-run] [--output-dir D] [--overwrite]
+hf-sta forget recipe.yaml [--dry-run] [--output-dir D] [--overwrite]
+hf-sta importance --base B --model TASK=PATH --data FILE --output importance.safetensors
+hf-sta push DIR REPO_ID [--private] [--create-pr] [--revision R] [--commit-message M]
+hf-sta inspect DIR
+hf-sta methods
+```
+
+A bad recipe or argument is one line on stderr naming the field (``hf-sta: error: merge.density must be in (0, 1],
+got 1.5``) and exit status 2; ``-vv`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+PROG = "hf-sta"
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option with its default, and epilogs kept as written."""
+
+
+def _out(line: str = "") -> None:
+    """The CLI's own output (results), on stdout; diagnostics go through logging to stderr."""
+    sys.stdout.write(line + "\n")
+
+
+# -- help texts -------------------------------------------------------------------------------------------------------
+def _describe_parameter(parameter: Any) -> str:
+    kind = parameter.type.__name__
+    details = [f"{kind}", f"default {parameter.default}"]
+    if parameter.choices:
+        details.append("one of " + ", ".join(map(str, parameter.choices)))
+    elif parameter.interval:
+        details.append(f"in {parameter.interval}")
+    return f"{parameter.name} ({'; '.join(details)}): {parameter.doc}"
+
+
+def methods_text(indent: str = "  ") -> str:
+    """Every registered merge method with its paper and parameters (``hf-sta methods`` and ``merge --help``)."""
+    from .methods import get_merge_method, list_merge_methods
+
+    lines = []
+    for name in list_merge_methods():
+        spec = get_merge_method(name)
+        flags = [
+            flag for flag, on in (("needs importance", spec.requires_importance), ("random", spec.stochastic)) if on
+        ]
+        lines.append(f"{indent}{name}: {spec.pretty_name}" + (f" [{', '.join(flags)}]" if flags else ""))
+        if spec.description:
+            lines.append(f"{indent * 3}{spec.description}")
+        paper = spec.paper_title + (f" <{spec.paper_url}>" if spec.paper_url else "")
+        lines.append(f"{indent * 3}paper: {paper}")
+        if not spec.parameters:
+            lines.append(f"{indent * 3}parameters: none")
+        for parameter in spec.parameters:
+            lines.append(f"{indent * 3}{_describe_parameter(parameter)}")
+    return "\n".join(lines)
+
+
+_MERGE_EPILOG = """\
+The recipe (YAML):
+  base_model: org/base                     # folder or Hub repo id
+  models: {{news: ./ft-news, topic: org/ft-topic}}
+  adapters: {{chat: ./lora-chat}}            # PEFT LoRA adapters (optional)
+  task_vectors: {{site1: tv.safetensors}}    # shipped task vectors (optional)
+  importance:                              # per task, for method sta
+    news: {{data: news.jsonl, text_column: text, metric: taylor, num_samples: 256}}
+    topic: {{path: topic_importance.safetensors}}
+  merge: {{method: sta, scaling: 1.0, params: {{density: 0.3}}}}
+  output_dir: merged
+  push_to_hub: {{repo_id: me/merged, private: true}}
+
+Merge fields: method, scaling, weights (task -> weight, a list, or num_samples), tasks, params, seed, torch_dtype,
+max_shard_size. The method's parameters go under merge.params, or directly in merge:.
+
+Merge methods and their parameters:
+{methods}
+"""
+
+_FORGET_EPILOG = """\
+The recipe (YAML) has a forget: section instead of merge:
+  base_model: org/base
+  models: {news: ./ft-news}
+  importance: {news: {data: news.jsonl}}
+  forget: {task: news, method: sta, scaling: 1.0, target: ./merged, params: {density: 0.2}}
+  output_dir: without-news
+
+forget fields: task, method (sta: subtract the task's important entries; negation: the whole task vector), scaling,
+target (empty: the base; a task name: its fine-tuned model; a folder / repo id: e.g. a merged model), params (STA's
+threshold, density, density_scope, normalize), torch_dtype, max_shard_size.
+"""
+
+
+# -- subcommands ------------------------------------------------------------------------------------------------------
+def _load_recipe(args: argparse.Namespace, operation: str):
+    from .recipe import Recipe
+
+    recipe = Recipe.from_yaml(args.config)
+    if recipe.operation != operation:
+        other = recipe.operation
+        raise ConfigError(f"{other}: '{args.config}' is a {other} recipe; run `{PROG} {other} {args.config}`")
+    changes: dict[str, Any] = {}
+    if args.output_dir is not None:
+        changes["output_dir"] = str(args.output_dir)
+    if args.overwrite:
+        changes["overwrite"] = True
+    return dataclasses.replace(recipe, **changes) if changes else recipe
+
+
+def _run_recipe(args: argparse.Namespace, operation: str) -> int:
+    from .recipe import run_recipe
+
+    recipe = _load_recipe(args, operation)
+    try:
+        result = run_recipe(recipe, dry_run=args.dry_run)
+    except FileExistsError as err:
+        raise FileExistsError(str(err).replace("pass overwrite=True", "pass --overwrite")) from None
+    summary = result.summary
+    params = ", ".join(f"{k}={v}" for k, v in summary["params"].items())
+    method = f"{summary['method']}" + (f" ({params})" if params else "")
+    if result.dry_run:
+        _out(f"Dry run: {args.config} is valid; nothing was written.")
+        _out(f"  base model: {summary['base_model']} ({summary['tensors']} tensors)")
+        _out(f"  tasks: {', '.join(summary['tasks'])}")
+        _out(f"  {operation}: {method}")
+        for task, source in summary["importance"].items():
+            _out(f"  importance[{task}]: {source}")
+        _out(f"  output_dir: {summary['output_dir'] or '(none)'}")
+        if summary["push_to_hub"]:
+            _out(f"  push_to_hub: {summary['push_to_hub']}")
+        return 0
+    if operation == "merge":
+        _out(f"Merged {', '.join(recipe.merge.tasks or summary['tasks'])} with {method}")
+    else:
+        _out(f"Forgot {recipe.forget.task} with {method}, scaling {recipe.forget.scaling:g}")
+    if result.output_dir is not None:
+        _out(f"Wrote {result.output_dir}")
+    if result.commit is not None:
+        _out(f"Pushed to {result.commit.pr_url or result.commit.commit_url}")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    return _run_recipe(args, "merge")
+
+
+def _forget(args: argparse.Namespace) -> int:
+    return _run_recipe(args, "forget")
+
+
+def _task_source(value: str, option: str) -> tuple[str, str]:
+    from .config import validate_task_name
+
+    task, sep, source = value.partition("=")
+    if not sep or not task or not source:
+        raise ConfigError(f"{option}: expected TASK=PATH, got {value!r}")
+    try:
+        validate_task_name(task)
+    except ConfigError as err:
+        raise ConfigError(f"{option}: {err}") from None
+    return task, source
+
+
+def _importance(args: argparse.Namespace) -> int:
+    from .recipe import ImportanceConfig, Recipe, build_merger, load_calibration_data
+
+    inputs = [(option, value) for option, value in (("--model", args.model), ("--adapter", args.adapter)) if value]
+    if len(inputs) != 1:
+        raise ConfigError("--model: give exactly one of --model TASK=PATH or --adapter TASK=PATH")
+    option, value = inputs[0]
+    task, source = _task_source(value, option)
+    fields = {
+        "data": args.data,
+        "split": args.split,
+        "subset": args.subset,
+        "text_column": args.text_column,
+        "label_column": args.label_column,
+        "metric": args.metric,
+        "num_samples": args.num_samples,
+        "micro_batch_size": args.micro_batch_size,
+        "max_length": args.max_length,
+        "torch_dtype": args.torch_dtype,
+    }
+    try:
+        config = ImportanceConfig.from_dict(fields, path="")
+    except ConfigError as err:  # name the option, not the recipe field
+        message = str(err)
+        for name in fields:
+            if message.startswith(name):
+                message = "--" + name.replace("_", "-") + message[len(name) :]
+                break
+        raise ConfigError(message) from None
+    group = "models" if option == "--model" else "adapters"
+    recipe = Recipe(base_model=args.base, trust_remote_code=args.trust_remote_code, **{group: {task: source}})
+    merger = build_merger(recipe)
+    data = load_calibration_data(config) if config.data is not None else None
+    scores = merger.compute_importance(
+        task,
+        data,
+        metric=config.metric,
+        num_samples=config.num_samples,
+        micro_batch_size=config.micro_batch_size,
+        torch_dtype=config.torch_dtype,
+        text_column=config.text_column,
+        label_column=config.label_column,
+        max_length=config.max_length,
+    )
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    merger.save_importance(task, output)
+    _out(f"Wrote the {scores.metric} importance of '{task}' ({scores.num_samples} samples) to {output}")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .recipe import PushConfig
+
+    config = PushConfig.from_dict(
+        {
+            "repo_id": args.repo_id,
+            "private": True if args.private else None,
+            "create_pr": args.create_pr,
+            "revision": args.revision,
+            "commit_message": args.commit_message,
+        },
+        path="push",
+    )
+    commit = config.push(args.dir)
+    _out(f"Pushed {args.dir} to {commit.pr_url or commit.commit_url}")
+    return 0
+
+
+def _format_count(value: int) -> str:
+    return f"{value:,}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  " + "  ".join(str(cell).ljust(width) for cell, width in zip(header, widths)).rstrip()]
+    for row in rows:
+        lines.append("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return lines
+
+
+def _layer_statistics(reader: Any) -> list[list[str]]:
+    from .card import layer_of, layer_sort_key
+
+    groups: dict[str, dict[str, Any]] = {}
+    for key in reader.keys():
+        group = groups.setdefault(layer_of(key), {"tensors": 0, "parameters": 0, "dtypes": set()})
+        shape = reader.shape(key)
+        count = 1
+        for size in shape:
+            count *= size
+        group["tensors"] += 1
+        group["parameters"] += count
+        group["dtypes"].add(str(reader.dtype(key)).removeprefix("torch."))
+    rows = []
+    for layer in sorted(groups, key=layer_sort_key):
+        group = groups[layer]
+        rows.append(
+            [layer, str(group["tensors"]), _format_count(group["parameters"]), ", ".join(sorted(group["dtypes"]))]
+        )
+    total_tensors = sum(g["tensors"] for g in groups.values())
+    total_parameters = sum(g["parameters"] for g in groups.values())
+    dtypes = sorted(set().union(*(g["dtypes"] for g in groups.values()))) if groups else []
+    rows.append(["total", str(total_tensors), _format_count(total_parameters), ", ".join(dtypes)])
+    return rows
+
+
+def _importance_files(folder: Path) -> list[Path]:
+    candidates = sorted((folder / "importance").glob("*.safetensors")) if (folder / "importance").is_dir() else []
+    candidates += sorted(p for p in folder.glob("*.safetensors") if "importance" in p.name)
+    return candidates
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .card import CARD_NAME, RECIPE_NAME, importance_by_layer
+    from .importance import ImportanceScores
+    from .io.checkpoints import CheckpointReader
+
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"'{folder}' is not a folder.")
+    _out(f"{folder}")
+    recipe_path = folder / RECIPE_NAME
+    if recipe_path.is_file():
+        _out(f"\nRecipe ({RECIPE_NAME}):")
+        recipe = yaml.safe_load(recipe_path.read_text()) or {}
+        for line in yaml.safe_dump(recipe, sort_keys=False).rstrip().splitlines():
+            _out(f"  {line}")
+    else:
+        _out(f"\nNo {RECIPE_NAME}: not written by hf_sta.")
+    reader = CheckpointReader(folder)
+    _out("\nTensors per layer:")
+    for line in _table(_layer_statistics(reader), ["layer", "tensors", "parameters", "dtype"]):
+        _out(line)
+    heads = sorted((folder / "heads").glob("*.safetensors")) if (folder / "heads").is_dir() else []
+    if heads:
+        _out("\nTask heads (heads/):")
+        rows = []
+        for file in heads:
+            head = CheckpointReader(file)
+            parameters = 0
+            for key in head.keys():
+                count = 1
+                for size in head.shape(key):
+                    count *= size
+                parameters += count
+            rows.append([file.stem, str(len(head.keys())), _format_count(parameters), ", ".join(head.keys())])
+        for line in _table(rows, ["task", "tensors", "parameters", "names"]):
+            _out(line)
+    scores: dict[str, ImportanceScores] = {}
+    for file in _importance_files(folder):
+        try:
+            loaded = ImportanceScores.load(file)
+        except CheckpointError:
+            continue
+        task = loaded.task or file.stem
+        scores[task] = loaded
+        _out(f"\nImportance of '{task}' ({file.relative_to(folder)}):")
+        if loaded.metric == "magnitude":
+            _out("  metric magnitude (|tau|, no data)")
+        else:
+            _out(f"  metric {loaded.metric}, {loaded.num_samples} samples in {loaded.micro_batches} micro-batch(es)")
+        if loaded.dataset_fingerprint:
+            _out(f"  dataset fingerprint {loaded.dataset_fingerprint}")
+    if scores:
+        layers = importance_by_layer(scores)
+        tasks = list(scores)
+        _out("\nMean normalised importance per layer (mean over tensors of I / max I):")
+        rows = [
+            [layer, *(f"{per_task.get(t, float('nan')):.3f}" for t in tasks)] for layer, per_task in layers.items()
+        ]
+        for line in _table(rows, ["layer", *tasks]):
+            _out(line)
+    if (folder / CARD_NAME).is_file():
+        _out(f"\nModel card: {folder / CARD_NAME}")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    _out("Merge methods (set parameters under merge.params in a recipe):")
+    _out(methods_text())
+    _out("\nForgetting methods: sta (STA's selection parameters, without overlap), negation (no parameters).")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------------------------
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser, operation: str) -> None:
+    parser.add_argument("config", type=Path, help=f"YAML recipe with a {operation}: section")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the recipe and open every input (headers only) without computing or writing anything",
+    )
+    parser.add_argument("--output-dir", type=Path, default=None, help="override the recipe's output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-sta`` argument parser (subcommands merge, forget, importance, push, inspect, methods)."""
+    from . import __version__
+    from .importance import METRICS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Merge fine-tuned models, adapters and task vectors of one base model (Selective Task "
+        "Arithmetic and baselines), and forget tasks.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: progress messages; -vv: debug")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge the models of a YAML recipe",
+        description="Merge the fine-tuned models / adapters / task vectors of a YAML recipe into one model.",
+        epilog=_MERGE_EPILOG.format(methods=methods_text()),
+        formatter_class=_HelpFormatter,
+    )
+    _add_recipe_options(merge, "merge")
+    merge.set_defaults(func=_merge)
+
+    forget = commands.add_parser(
+        "forget",
+        help="forget a task, as a YAML recipe says",
+        description="Remove a task from a model: theta' = theta - scaling * m_f * tau_f.",
+        epilog=_FORGET_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    _add_recipe_options(forget, "forget")
+    forget.set_defaults(func=_forget)
+
+    importance = commands.add_parser(
+        "importance",
+        help="compute one task's importance and save it",
+        description="Score every parameter of one task by how much its loss depends on it, on its own calibration "
+        "data, and save the scores (safetensors + metadata) for a later merge (importance.<task>.path).",
+        formatter_class=_HelpFormatter,
+    )
+    importance.add_argument("--base", required=True, default=argparse.SUPPRESS, help="base model (folder or repo id)")
+    importance.add_argument("--model", default=None, metavar="TASK=PATH", help="the task's fine-tuned model")
+    importance.add_argument("--adapter", default=None, metavar="TASK=PATH", help="or the task's PEFT LoRA adapter")
+    importance.add_argument(
+        "--data",
+        default=None,
+        help="calibration data: a .json/.jsonl/.csv/.parquet file or a datasets name (not needed for magnitude)",
+    )
+    importance.add_argument("--split", default="train", help="split or slice of the data, e.g. 'train[:512]'")
+    importance.add_argument("--subset", default=None, help="dataset configuration name")
+    importance.add_argument("--text-column", default="text", help="column of raw text")
+    importance.add_argument("--label-column", default="label", help="column of class labels (classifiers)")
+    importance.add_argument("--metric", default="taylor", choices=list(METRICS), help="importance metric")
+    importance.add_argument("--num-samples", type=_positive_int, default=256, help="calibration samples used")
+    importance.add_argument(
+        "--micro-batch-size", type=_positive_int, default=8, help="samples per gradient (1: per-sample scores)"
+    )
+    importance.add_argument("--max-length", type=_positive_int, default=512, help="truncation length")
+    importance.add_argument("--torch-dtype", default=None, help="dtype of the backward pass (None: the model's)")
+    importance.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+    importance.add_argument(
+        "--output", required=True, default=argparse.SUPPRESS, help="file to write (importance.safetensors)"
+    )
+    importance.set_defaults(func=_importance)
+
+    push = commands.add_parser(
+        "push",
+        help="upload a saved folder to the Hub",
+        description="Upload an already saved folder (a merge, a forgetting, an adapter) to a Hub model repo as one "
+        "commit; the repo is created when missing.",
+        formatter_class=_HelpFormatter,
+    )
+    push.add_argument("dir", type=Path, help="the folder to upload")
+    push.add_argument("repo_id", help="the Hub repo (user/name or org/name)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--revision", default=None, help="branch to commit to (created when missing; default main)")
+    push.add_argument("--commit-message", default=None, help="commit title (default: 'Upload DIR with hf_sta')")
+    push.set_defaults(func=_push)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="describe a saved output folder",
+        description="Print a folder's recipe, per-layer tensor statistics (tensors, parameters, dtype), its task "
+        "heads and any importance files.",
+        formatter_class=_HelpFormatter,
+    )
+    inspect.add_argument("dir", type=Path, help="an hf_sta output folder (or any safetensors checkpoint folder)")
+    inspect.set_defaults(func=_inspect)
+
+    methods = commands.add_parser(
+        "methods",
+        help="list the merge methods and their parameters",
+        description="List the registered merge methods with their papers, parameters and defaults.",
+        formatter_class=_HelpFormatter,
+    )
+    methods.set_defaults(func=_methods)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hf-sta`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    package_logger = logging.getLogger("hf_sta")
+    previous_level = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        logger.debug("Traceback:", exc_info=True)
+        sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except Exception as err:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if not isinstance(err, HfHubHTTPError):
+            raise
+        logger.debug("Traceback:", exc_info=True)
+        sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
+        return EXIT_FAILURE
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous_level)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
