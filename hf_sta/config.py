@@ -88,6 +88,9 @@ class MergeConfig(_ConfigMixin):
             on the order tensors are processed in.
         torch_dtype: output dtype of floating tensors (default: the base's).
         max_shard_size: output shard budget, as in ``save_pretrained``.
+        output_format: ``"full"`` checkpoint or ``"adapter"`` (PEFT LoRA of the merged delta, by truncated SVD).
+        max_rank, energy: LoRA rank of each module of an adapter output: ``max_rank``, or the smallest rank keeping
+            ``energy`` of the squared singular values (capped by ``max_rank`` when both are given).
     """
 
     method: str = "task_arithmetic"
@@ -98,6 +101,9 @@ class MergeConfig(_ConfigMixin):
     seed: int = 0
     torch_dtype: str | None = None
     max_shard_size: str | int = "5GB"
+    output_format: str = "full"
+    max_rank: int | None = None
+    energy: float | None = None
 
     def validated(self) -> MergeConfig:
         """A copy with the method's parameters checked and defaults filled; raises ``ValueError`` when invalid."""
@@ -109,4 +115,12 @@ class MergeConfig(_ConfigMixin):
         if not isinstance(self.scaling, int | float) or not torch.isfinite(torch.tensor(float(self.scaling))):
             raise ConfigError(f"scaling must be a finite number, got {self.scaling!r}.")
         parse_dtype(self.torch_dtype)
+        if self.output_format not in ("full", "adapter"):
+            raise ConfigError(f"output_format must be 'full' or 'adapter', got {self.output_format!r}.")
+        if self.output_format == "adapter" and self.max_rank is None and self.energy is None:
+            raise ConfigError("output_format='adapter' needs max_rank or energy to choose the LoRA ranks.")
+        if self.max_rank is not None and (not isinstance(self.max_rank, int) or self.max_rank < 1):
+            raise ConfigError(f"max_rank must be an int >= 1, got {self.max_rank!r}.")
+        if self.energy is not None and not 0.0 < float(self.energy) <= 1.0:
+            raise ConfigError(f"energy must be in (0, 1], got {self.energy!r}.")
         return dataclasses.replace(self, params=params, scaling=float(self.scaling))

@@ -101,6 +101,7 @@ class STAMerger:
         self.trust_remote_code = trust_remote_code
         self.last_config: MergeConfig | None = None
         self._last_operation: tuple[str, dict[str, Any]] | None = None
+        self.last_adapter_report = None
         self.importance: dict[str, ImportanceScores] = {}
         # {tensor name: {task: fraction of entries kept}} of the last STA merge (model card statistics).
         self.last_kept_fraction: dict[str, dict[str, float]] = {}
@@ -112,20 +113,30 @@ class STAMerger:
         base_model: CheckpointInput,
         finetuned: Mapping[str, CheckpointInput] | Sequence[PathOrRepo] | None = None,
         *,
+        adapters: Mapping[str, PathOrRepo] | Sequence[PathOrRepo] | None = None,
         task_specific: str | Sequence[str] | None = "auto",
         revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         trust_remote_code: bool = False,
     ) -> STAMerger:
-        """Open the base and every fine-tuned checkpoint (folders, Hub repo ids or state dicts) lazily.
+        """Open the base and every fine-tuned checkpoint or PEFT LoRA adapter (folders, Hub repo ids, state dicts).
+
+        Adapters' task vectors are the dense updates ``scaling * B @ A`` of the weights they adapt, one module at a
+        time (see ``hf_sta.io.adapters``).
 
         Nothing but headers and configs is read here; shapes, architectures and dtypes are checked now, so a bad
         input fails before any work is done.
         """
         named = _name_tasks(finetuned)
-        if not named:
-            raise ConfigError("from_pretrained needs `finetuned` models (a dict name -> path/repo id, or a list).")
+        named_adapters = _name_tasks(adapters)
+        if not named and not named_adapters:
+            raise ConfigError(
+                "from_pretrained needs `finetuned` models and/or `adapters` (a dict name -> path/repo id, or a list)."
+            )
+        clash = sorted(set(named) & set(named_adapters))
+        if clash:
+            raise ConfigError(f"Task name(s) {', '.join(clash)} given both as fine-tuned model and as adapter.")
         base = open_checkpoint(base_model, name="base", revision=revision, token=token, cache_dir=cache_dir)
         task_vectors = {}
         for name, source in named.items():
@@ -138,6 +149,14 @@ class STAMerger:
                     len(task_vectors[name].head_keys),
                     ", ".join(task_vectors[name].head_keys[:6]),
                 )
+        if named_adapters:
+            from .io.adapters import LoraTaskVector
+
+            for name, source in named_adapters.items():
+                task_vectors[name] = LoraTaskVector.from_pretrained(
+                    source, base, name=name, revision=revision, token=token
+                )
+            named = {**named, **named_adapters}
         sources = {name: str(src) for name, src in named.items() if isinstance(src, str | os.PathLike)}
         sources["base"] = str(base_model) if isinstance(base_model, str | os.PathLike) else "<in-memory>"
         return cls(base, task_vectors, sources=sources, trust_remote_code=trust_remote_code)
@@ -455,10 +474,11 @@ class STAMerger:
 
         return global_thresholds(rows, len(vectors), params["density"], params.get("normalize", "max"))
 
-    def _combine(
+    def _deltas(
         self, config: MergeConfig, spec: MergeMethod, tasks: list[str], weights: torch.Tensor, plan: list[TensorPlan]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, theta_0 + scaling * method(stack_t tau_t))`` for every base tensor, in plan order."""
+    ) -> Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None]]:
+        """Yield ``(item, theta_0, scaling * method(stack_t tau_t))`` for every base tensor, in plan order (the delta
+        is ``None`` for tensors no task vector touches)."""
         vectors = [self.task_vectors[t] for t in tasks]
         params = dict(config.params)
         scores = self._importance_for(tasks, config.method) if spec.requires_importance else None
@@ -470,7 +490,7 @@ class STAMerger:
             key = item.name
             theta_0 = self.base.get_tensor(key)
             if not any(key in v for v in vectors):
-                yield key, theta_0.to(item.dtype)
+                yield item, theta_0, None
                 continue
             stacked = torch.zeros((len(vectors), *item.shape), dtype=torch.float32)
             for index, vector in enumerate(vectors):
@@ -484,8 +504,7 @@ class STAMerger:
             del stacked
             if "kept_fraction" in params.get("stats", {}):
                 self.last_kept_fraction[key] = dict(zip(tasks, params["stats"]["kept_fraction"].tolist()))
-            merged = delta.mul_(config.scaling).add_(theta_0.float())
-            yield key, merged.to(item.dtype)
+            yield item, theta_0, delta.mul_(config.scaling)
 
     def merge(
         self,
@@ -499,6 +518,9 @@ class STAMerger:
         torch_dtype: str | torch.dtype | None = None,
         seed: int = 0,
         max_shard_size: int | str = "5GB",
+        output_format: str = "full",
+        max_rank: int | None = None,
+        energy: float | None = None,
         **params: Any,
     ):
         """Merge the task vectors: ``theta = theta_0 + scaling * method({tau_t}, weights, **params)``.
@@ -519,6 +541,10 @@ class STAMerger:
             torch_dtype: output dtype of floating tensors (default: the base's). Math is always fp32.
             seed: seed of random methods (DARE).
             max_shard_size: output shard budget (``"5GB"``, ``"500MB"`` or bytes).
+            output_format: ``"full"`` (a checkpoint of the base's architecture) or ``"adapter"`` (the merged delta
+                as a PEFT LoRA adapter over the base: truncated SVD of each module's delta; rank ``max_rank``, or the
+                smallest keeping ``energy`` of the squared singular values; the per-module relative reconstruction
+                error is logged and kept in ``last_adapter_report``). In memory, an adapter result is a ``PeftModel``.
             **params: the method's own parameters (``density=0.2``, ``majority_sign_method="total"``, ...).
         """
         dtype = parse_dtype(torch_dtype)
@@ -533,6 +559,9 @@ class STAMerger:
             seed=seed,
             torch_dtype=str(dtype).removeprefix("torch.") if dtype else None,
             max_shard_size=max_shard_size,
+            output_format=output_format,
+            max_rank=max_rank,
+            energy=energy,
         )
         return self.run(config, output_dir=output_dir, overwrite=overwrite)
 
@@ -553,8 +582,19 @@ class STAMerger:
         self.last_config = config
         self._last_operation = ("merge", {"config": config})
         self.last_kept_fraction = {}
-        tensors = self._combine(config, spec, tasks, weights, plan)
-        return self._emit(tensors, plan, recipe=recipe, head_tasks=tasks, output_dir=output_dir, overwrite=overwrite)
+        deltas = self._deltas(config, spec, tasks, weights, plan)
+        return self._emit(
+            deltas,
+            plan,
+            recipe=recipe,
+            head_tasks=tasks,
+            output_dir=output_dir,
+            overwrite=overwrite,
+            max_shard_size=config.max_shard_size,
+            adapter={"max_rank": config.max_rank, "energy": config.energy}
+            if config.output_format == "adapter"
+            else None,
+        )
 
     # -- forget ----------------------------------------------------------------------------------------------------
     def forget(
@@ -568,6 +608,9 @@ class STAMerger:
         overwrite: bool = False,
         torch_dtype: str | torch.dtype | None = None,
         max_shard_size: int | str = "5GB",
+        as_adapter: bool = False,
+        max_rank: int | None = None,
+        energy: float | None = 0.999,
         **params: Any,
     ):
         """Remove ``task`` from a model: ``theta' = theta - scaling * m_f * tau_f``.
@@ -580,6 +623,10 @@ class STAMerger:
             target: the model to edit: ``None`` (the base), a loaded task's name (its fine-tuned model), or a
                 checkpoint folder / repo id with the base's tensor names (e.g. a merged model).
             output_dir, overwrite, torch_dtype, max_shard_size: as in :meth:`merge`.
+            as_adapter: write the edit ``-scaling * m_f * tau_f`` as a PEFT LoRA adapter over the base (truncated
+                SVD with ``max_rank`` / ``energy``) instead of a full checkpoint: enabled, the task is forgotten;
+                disabled or removed, the model is exactly the original. Only LoRA-able weights (linear, embedding,
+                conv) carry the edit; others are reported and left out.
         """
         if method not in ("sta", "negation"):
             raise ConfigError(f"forget method must be 'sta' or 'negation', got {method!r}.")
@@ -592,6 +639,9 @@ class STAMerger:
                 target=target,
                 torch_dtype=torch_dtype,
                 max_shard_size=max_shard_size,
+                as_adapter=as_adapter,
+                max_rank=max_rank,
+                energy=energy,
                 **params,
             ),
         )
@@ -611,7 +661,7 @@ class STAMerger:
             global_threshold = self._global_thresholds([vector], [scores], params)
             params["global_threshold"] = global_threshold
 
-        def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        def edits() -> Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None]]:
             for item in plan:
                 key = item.name
                 theta_0 = self.base.get_tensor(key)
@@ -619,17 +669,14 @@ class STAMerger:
                 if target_vector is not None and key in target_vector:
                     theta = theta_0.float() + target_vector.get(key, theta_0)
                 if key not in vector:
-                    yield key, theta.to(item.dtype)
+                    yield item, theta, None
                     continue
-                importance = scores[key] if scores is not None and key in scores else None
-                if scores is not None and importance is None:
-                    importance = torch.zeros(item.shape)
-                edit = (
-                    forget_delta(vector.get(key, theta_0), importance, **params)
-                    if scores is not None
-                    else (vector.get(key, theta_0))
-                )
-                yield key, edit.mul_(-float(scaling)).add_(theta.float()).to(item.dtype)
+                if scores is None:
+                    edit = vector.get(key, theta_0)
+                else:
+                    importance = scores[key] if key in scores else torch.zeros(item.shape)
+                    edit = forget_delta(vector.get(key, theta_0), importance, **params)
+                yield item, theta, edit.mul_(-float(scaling))
 
         recipe = {
             "base_model": self.sources.get("base"),
@@ -643,14 +690,22 @@ class STAMerger:
             },
         }
         head_tasks = [target] if isinstance(target, str) and target in self.task_vectors else []
+        if as_adapter:
+            recipe["forget"]["as_adapter"] = {"max_rank": max_rank, "energy": energy}
+            if target_vector is not None or target_source is not None:
+                raise ConfigError(
+                    "forget(as_adapter=True) writes an adapter over the base model; target= must be None. (Forget "
+                    "from a merged model by loading it as the base: STAMerger.from_task_vectors(merged, ...).)"
+                )
         return self._emit(
-            tensors(),
+            edits(),
             plan,
             recipe=recipe,
             head_tasks=head_tasks,
             output_dir=output_dir,
             overwrite=overwrite,
             max_shard_size=max_shard_size,
+            adapter={"max_rank": max_rank, "energy": energy} if as_adapter else None,
         )
 
     def _forget_target(self, target: str | os.PathLike | None) -> tuple[TensorSource | None, TaskVector | None]:
@@ -753,61 +808,104 @@ class STAMerger:
     # -- write ---------------------------------------------------------------------------------------------------------
     def _emit(
         self,
-        tensors: Iterator[tuple[str, torch.Tensor]],
+        deltas: Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None]],
         plan: list[TensorPlan],
         *,
         recipe: dict[str, Any],
         head_tasks: list[str],
         output_dir: str | os.PathLike | None,
         overwrite: bool,
-        max_shard_size: int | str | None = None,
+        max_shard_size: int | str,
+        adapter: dict[str, Any] | None = None,
     ):
-        """Stream ``tensors`` to ``output_dir`` (returns the path) or build the model in memory (returns it)."""
-        budget = max_shard_size or recipe.get("merge", {}).get("max_shard_size", "5GB")
-        if output_dir is None and not getattr(self.base, "config", None):
-            return dict(tensors)
+        """Write ``theta + delta`` for each ``(item, theta, delta)`` (or, with ``adapter``, the deltas as a LoRA
+        adapter) to ``output_dir`` and return the path; without ``output_dir`` build the result in memory."""
         if output_dir is not None:
             check_output_dir(output_dir, overwrite)
-            return self._write(tensors, plan, Path(output_dir), overwrite, recipe, head_tasks, budget)
-        # A transformers model: stream to a private temporary folder and let transformers load it, so tied weights,
-        # buffers and the config are handled exactly as from_pretrained does.
+            return self._write(deltas, plan, Path(output_dir), overwrite, recipe, head_tasks, max_shard_size, adapter)
+        if not getattr(self.base, "config", None):
+            if adapter is not None:
+                raise ConfigError("An adapter result needs output_dir= when the base is not a transformers model.")
+            return dict(_full_tensors(deltas))
+        # A transformers model: stream to a private temporary folder and let transformers (and PEFT) load it, so
+        # tied weights, buffers and the config are handled exactly as from_pretrained does.
         tmp_root = Path(tempfile.mkdtemp(prefix="hf_sta-"))
         try:
-            folder = self._write(tensors, plan, tmp_root / "model", False, recipe, head_tasks, budget)
-            return load_transformers_model(folder, trust_remote_code=self.trust_remote_code)
+            folder = self._write(deltas, plan, tmp_root / "model", False, recipe, head_tasks, max_shard_size, adapter)
+            if adapter is None:
+                return load_transformers_model(folder, trust_remote_code=self.trust_remote_code)
+            from peft import PeftModel
+
+            base_model = load_transformers_model(self.base.folder, trust_remote_code=self.trust_remote_code)
+            return PeftModel.from_pretrained(base_model, folder)
         finally:
             shutil.rmtree(tmp_root, ignore_errors=True)
 
     def _write(
         self,
-        tensors: Iterator[tuple[str, torch.Tensor]],
+        deltas: Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None]],
         plan: list[TensorPlan],
         output_dir: Path,
         overwrite: bool,
         recipe: dict[str, Any],
         head_tasks: list[str],
         max_shard_size: int | str,
+        adapter: dict[str, Any] | None,
     ) -> Path:
         with AtomicOutputDir(output_dir, overwrite=overwrite) as tmp:
-            writer = StreamingSafetensorsWriter(
-                tmp,
-                plan,
-                max_shard_size=max_shard_size,
-                metadata={"hf_sta": "merge" if "merge" in recipe else "forget"},
-            )
-            try:
-                for key, tensor in tensors:
-                    writer.write(key, tensor)
-                writer.finish()
-            finally:
-                writer.abort()
-            self._write_companions(tmp, recipe, head_tasks, plan)
+            if adapter is not None:
+                self._write_adapter(tmp, deltas, adapter, recipe)
+            else:
+                writer = StreamingSafetensorsWriter(
+                    tmp,
+                    plan,
+                    max_shard_size=max_shard_size,
+                    metadata={"hf_sta": "merge" if "merge" in recipe else "forget"},
+                )
+                try:
+                    for key, tensor in _full_tensors(deltas):
+                        writer.write(key, tensor)
+                    writer.finish()
+                finally:
+                    writer.abort()
+            self._write_companions(tmp, recipe, head_tasks, plan, adapter=adapter is not None)
         logger.info("Wrote %s", output_dir)
         return output_dir
 
-    def _write_companions(self, folder: Path, recipe: dict[str, Any], head_tasks: list[str], plan) -> None:
-        """Config/tokenizer from the base, task heads, and the recipe next to the weights."""
-        copy_aux_files(getattr(self.base, "folder", None), folder)
+    def _write_adapter(self, folder: Path, deltas, options: dict[str, Any], recipe: dict[str, Any]) -> None:
+        """The deltas as a PEFT LoRA adapter over the base (truncated SVD per module)."""
+        from .io.adapters import lora_layouts, write_lora_adapter
+
+        base_folder = getattr(self.base, "folder", None)
+        if base_folder is not None and getattr(self.base, "config", None):
+            layouts = lora_layouts(base_folder)
+        else:
+            layouts = {}
+            for vector in self.task_vectors.values():
+                layouts.update(getattr(vector, "layouts", {}))
+        if options.get("max_rank") is None and options.get("energy") is None:
+            raise ConfigError("An adapter output needs max_rank= or energy= to choose each module's LoRA rank.")
+        report = write_lora_adapter(
+            folder,
+            ((item.name, delta) for item, _, delta in deltas if delta is not None),
+            base_model_name_or_path=self.sources.get("base"),
+            max_rank=options.get("max_rank"),
+            energy=options.get("energy"),
+            layouts=layouts or None,
+            non_lora="skip",
+        )
+        summary = report.summary()
+        recipe["adapter_report"] = {
+            k: v for k, v in summary.items() if isinstance(v, int | float | str) or k == "skipped"
+        }
+        self.last_adapter_report = report
+
+    def _write_companions(
+        self, folder: Path, recipe: dict[str, Any], head_tasks: list[str], plan, *, adapter: bool = False
+    ) -> None:
+        """Config/tokenizer from the base (full checkpoints), task heads, and the recipe next to the weights."""
+        if not adapter:
+            copy_aux_files(getattr(self.base, "folder", None), folder)
         out_dtypes = {item.dtype for item in plan if item.dtype.is_floating_point}
         config_path = folder / "config.json"
         if len(out_dtypes) == 1 and config_path.is_file():
@@ -817,9 +915,20 @@ class STAMerger:
             config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
         for task in head_tasks:
             vector = self.task_vectors[task]
-            if isinstance(vector, CheckpointTaskVector) and vector.head_keys:
+            if getattr(vector, "head_keys", None):
                 save_tensors(folder / HEADS_FOLDER / f"{task}.safetensors", vector.heads(), {"task": task})
         (folder / RECIPE_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+def _full_tensors(
+    deltas: Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None]],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, theta + delta)`` in each tensor's planned dtype (math in fp32)."""
+    for item, theta, delta in deltas:
+        if delta is None:
+            yield item.name, theta.to(item.dtype)
+        else:
+            yield item.name, delta.add_(theta.float()).to(item.dtype)
 
 
 @dataclasses.dataclass
