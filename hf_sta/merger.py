@@ -102,6 +102,10 @@ class STAMerger:
         self.last_config: MergeConfig | None = None
         self._last_operation: tuple[str, dict[str, Any]] | None = None
         self.last_adapter_report = None
+        self._card_importance: list[str] = []
+        # Optional model-card fields: evaluation results (model-index) and the card's title.
+        self.eval_results: list[dict[str, Any]] | None = None
+        self.model_name: str | None = None
         self.importance: dict[str, ImportanceScores] = {}
         # {tensor name: {task: fraction of entries kept}} of the last STA merge (model card statistics).
         self.last_kept_fraction: dict[str, dict[str, float]] = {}
@@ -574,11 +578,10 @@ class STAMerger:
         if spec.requires_importance:
             self._importance_for(tasks, config.method)
         plan = self._plan(parse_dtype(config.torch_dtype))
-        recipe = {
-            "base_model": self.sources.get("base"),
-            "models": {t: self.sources.get(t) for t in tasks},
-            "merge": dataclasses.asdict(config),
-        }
+        recipe = {**self._recipe_inputs(tasks), "merge": dataclasses.asdict(config)}
+        if config.output_format == "adapter":
+            recipe.update(output_format="adapter", adapter={"max_rank": config.max_rank, "energy": config.energy})
+        self._card_importance = tasks if spec.requires_importance else []
         self.last_config = config
         self._last_operation = ("merge", {"config": config})
         self.last_kept_fraction = {}
@@ -678,9 +681,10 @@ class STAMerger:
                     edit = forget_delta(vector.get(key, theta_0), importance, **params)
                 yield item, theta, edit.mul_(-float(scaling))
 
+        self._card_importance = [task] if scores is not None else []
+        self.last_kept_fraction = {}
         recipe = {
-            "base_model": self.sources.get("base"),
-            "models": {task: self.sources.get(task)},
+            **self._recipe_inputs([task]),
             "forget": {
                 "task": task,
                 "method": method,
@@ -691,7 +695,7 @@ class STAMerger:
         }
         head_tasks = [target] if isinstance(target, str) and target in self.task_vectors else []
         if as_adapter:
-            recipe["forget"]["as_adapter"] = {"max_rank": max_rank, "energy": energy}
+            recipe.update(output_format="adapter", adapter={"max_rank": max_rank, "energy": energy})
             if target_vector is not None or target_source is not None:
                 raise ConfigError(
                     "forget(as_adapter=True) writes an adapter over the base model; target= must be None. (Forget "
@@ -831,7 +835,9 @@ class STAMerger:
         # tied weights, buffers and the config are handled exactly as from_pretrained does.
         tmp_root = Path(tempfile.mkdtemp(prefix="hf_sta-"))
         try:
-            folder = self._write(deltas, plan, tmp_root / "model", False, recipe, head_tasks, max_shard_size, adapter)
+            folder = self._write(
+                deltas, plan, tmp_root / "model", False, recipe, head_tasks, max_shard_size, adapter, card=False
+            )
             if adapter is None:
                 return load_transformers_model(folder, trust_remote_code=self.trust_remote_code)
             from peft import PeftModel
@@ -851,6 +857,8 @@ class STAMerger:
         head_tasks: list[str],
         max_shard_size: int | str,
         adapter: dict[str, Any] | None,
+        *,
+        card: bool = True,
     ) -> Path:
         with AtomicOutputDir(output_dir, overwrite=overwrite) as tmp:
             if adapter is not None:
@@ -868,7 +876,7 @@ class STAMerger:
                     writer.finish()
                 finally:
                     writer.abort()
-            self._write_companions(tmp, recipe, head_tasks, plan, adapter=adapter is not None)
+            self._write_companions(tmp, recipe, head_tasks, plan, adapter=adapter is not None, card=card)
         logger.info("Wrote %s", output_dir)
         return output_dir
 
@@ -895,13 +903,20 @@ class STAMerger:
             non_lora="skip",
         )
         summary = report.summary()
-        recipe["adapter_report"] = {
-            k: v for k, v in summary.items() if isinstance(v, int | float | str) or k == "skipped"
-        }
+        recipe["adapter"].update(
+            {k: v for k, v in summary.items() if isinstance(v, int | float | str) or k == "skipped"}
+        )
         self.last_adapter_report = report
 
     def _write_companions(
-        self, folder: Path, recipe: dict[str, Any], head_tasks: list[str], plan, *, adapter: bool = False
+        self,
+        folder: Path,
+        recipe: dict[str, Any],
+        head_tasks: list[str],
+        plan,
+        *,
+        adapter: bool = False,
+        card: bool = True,
     ) -> None:
         """Config/tokenizer from the base (full checkpoints), task heads, and the recipe next to the weights."""
         if not adapter:
@@ -918,6 +933,36 @@ class STAMerger:
             if getattr(vector, "head_keys", None):
                 save_tensors(folder / HEADS_FOLDER / f"{task}.safetensors", vector.heads(), {"task": task})
         (folder / RECIPE_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        if not card:  # a private folder that only transformers reads back
+            return
+        from .card import write_model_card
+
+        write_model_card(
+            folder,
+            recipe=recipe,
+            kept_fraction=self.last_kept_fraction or None,
+            importance={t: self.importance[t] for t in self._card_importance} or None,
+            eval_results=self.eval_results,
+            model_name=self.model_name,
+        )
+
+    def _recipe_inputs(self, tasks: list[str]) -> dict[str, Any]:
+        """``base_model`` and the inputs by role (``models`` / ``adapters`` / ``task_vectors``) for recipe and card."""
+        from .io.adapters import LoraTaskVector
+        from .task_vector import StoredTaskVector
+
+        inputs: dict[str, Any] = {"base_model": self.sources.get("base")}
+        for task in tasks:
+            vector = self.task_vectors[task]
+            role = (
+                "adapters"
+                if isinstance(vector, LoraTaskVector)
+                else "task_vectors"
+                if isinstance(vector, StoredTaskVector)
+                else "models"
+            )
+            inputs.setdefault(role, {})[task] = self.sources.get(task)
+        return inputs
 
 
 def _full_tensors(

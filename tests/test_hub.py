@@ -50,3 +50,30 @@ def test_nothing_to_push(local_hub, llama_checkpoints):
     merger = STAMerger.from_pretrained(llama_checkpoints.base, llama_checkpoints.finetuned)
     with pytest.raises(ConfigError, match="merge"):
         merger.push_to_hub("local-user/x")
+
+
+def test_pushed_card_metadata_and_importance_plot(tmp_path, local_hub, llama_checkpoints):
+    from huggingface_hub import ModelCard
+
+    merger = STAMerger.from_pretrained(llama_checkpoints.base, llama_checkpoints.finetuned)
+    for task in merger.tasks:
+        merger.compute_importance(task, metric="magnitude")
+    merger.merge(method="sta", density=0.3)
+    merger.eval_results = [
+        {
+            "task_type": "text-generation",
+            "dataset_type": "demo",
+            "dataset_name": "demo",
+            "metric_type": "accuracy",
+            "metric_value": 0.5,
+        }
+    ]
+    merger.push_to_hub("local-user/sta-card")
+    folder = Path(snapshot_download("local-user/sta-card", cache_dir=tmp_path / "cache"))
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers"
+    assert "hf-sta" in card.data.tags and "sta" in card.data.tags
+    assert card.data.eval_results[0].metric_value == 0.5
+    assert (folder / "importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Selective Task Arithmetic" in card.text
+    assert (folder / "hf_sta_config.yaml").is_file()
