@@ -88,7 +88,8 @@ The recipe (YAML):
   push_to_hub: {{repo_id: me/merged, private: true}}
 
 Merge fields: method, scaling, weights (task -> weight, a list, or num_samples), tasks, params, seed, torch_dtype,
-max_shard_size. The method's parameters go under merge.params, or directly in merge:.
+max_shard_size, output_format (full, or adapter: a PEFT LoRA of the merged delta by truncated SVD), max_rank, energy
+(the adapter's LoRA rank per module). The method's parameters go under merge.params, or directly in merge:.
 
 Merge methods and their parameters:
 {methods}
@@ -104,7 +105,8 @@ The recipe (YAML) has a forget: section instead of merge:
 
 forget fields: task, method (sta: subtract the task's important entries; negation: the whole task vector), scaling,
 target (empty: the base; a task name: its fine-tuned model; a folder / repo id: e.g. a merged model), params (STA's
-threshold, density, density_scope, normalize), torch_dtype, max_shard_size.
+threshold, density, density_scope, normalize), torch_dtype, max_shard_size, as_adapter (write the edit as a PEFT
+LoRA adapter over the base: disable it to restore the model), max_rank, energy (the adapter's LoRA ranks).
 """
 
 
@@ -142,6 +144,8 @@ def _run_recipe(args: argparse.Namespace, operation: str) -> int:
         _out(f"  {operation}: {method}")
         for task, source in summary["importance"].items():
             _out(f"  importance[{task}]: {source}")
+        if summary["output_format"] == "adapter":
+            _out("  output_format: adapter (PEFT LoRA)")
         _out(f"  output_dir: {summary['output_dir'] or '(none)'}")
         if summary["push_to_hub"]:
             _out(f"  push_to_hub: {summary['push_to_hub']}")

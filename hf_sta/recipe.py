@@ -22,7 +22,11 @@ overwrite: false
 push_to_hub: {repo_id: me/llama-merged, private: true}
 ```
 
-A ``forget:`` section (:class:`ForgetConfig`) replaces ``merge:`` to forget a task. Every bad field raises
+A ``forget:`` section (:class:`ForgetConfig`) replaces ``merge:`` to forget a task. ``merge.output_format: adapter``
+(with ``max_rank`` / ``energy``) or ``forget.as_adapter: true`` writes a PEFT LoRA adapter instead of a checkpoint;
+the top-level ``output_format: adapter`` and ``adapter: {max_rank, energy}`` the merger records say the same. The
+``hf_sta_config.yaml`` saved next to every output is such a recipe: ``hf-sta merge hf_sta_config.yaml`` runs it
+again. Every bad field raises
 :class:`~hf_sta.errors.ConfigError` naming it (``merge.density must be in (0, 1], got 1.5``,
 ``merge.dens1ty: unknown field ...``). Relative paths are relative to the current directory, as on the command line.
 :func:`run_recipe` executes a recipe (or only checks it with ``dry_run=True``).
@@ -63,6 +67,7 @@ __all__ = [
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 FORGET_METHODS = ("sta", "negation")
+OUTPUT_FORMATS = ("full", "adapter")
 _SOURCE_GROUPS = ("models", "adapters", "task_vectors")
 
 
@@ -193,12 +198,32 @@ def parse_merge_config(data: Any, path: str = "merge") -> MergeConfig:
         seed=_int(data.get("seed", 0), _join(path, "seed"), low=0),
         torch_dtype=_dtype(data.get("torch_dtype"), _join(path, "torch_dtype")),
         max_shard_size=_shard_size(data.get("max_shard_size", "5GB"), _join(path, "max_shard_size")),
+        output_format=_choice(data.get("output_format", "full"), _join(path, "output_format"), OUTPUT_FORMATS),
+        max_rank=_int(data.get("max_rank"), _join(path, "max_rank"), low=1, optional=True),
+        energy=_energy(data.get("energy"), _join(path, "energy")),
     )
+    if config.output_format == "adapter" and config.max_rank is None and config.energy is None:
+        raise ConfigError(f"{_join(path, 'max_rank')}: an adapter output needs max_rank or energy (LoRA ranks)")
     try:
         config.validated()
     except ValueError as err:
         raise ConfigError(f"{path}: {err}") from None
     return config
+
+
+def _choice(value: Any, path: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{path} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _energy(value: Any, path: str) -> float | None:
+    if value is None:
+        return None
+    energy = _number(value, path)
+    if not 0.0 < energy <= 1.0:
+        raise ConfigError(f"{path} must be in (0, 1], got {value!r}")
+    return energy
 
 
 def _weights(value: Any, path: str) -> dict[str, float] | list[float] | str | None:
@@ -236,6 +261,10 @@ class ForgetConfig:
             also sit directly in the section.
         torch_dtype: output dtype of floating tensors (default: the base's).
         max_shard_size: output shard budget.
+        as_adapter: write the edit ``-scaling * m_f * tau_f`` as a PEFT LoRA adapter over the base (reversible:
+            disable the adapter to restore the model); ``target`` must then be empty.
+        max_rank, energy: LoRA rank of each module of the adapter (``max_rank``, or the smallest rank keeping
+            ``energy`` of the squared singular values).
     """
 
     task: str
@@ -245,6 +274,9 @@ class ForgetConfig:
     params: dict[str, Any] = field(default_factory=dict)
     torch_dtype: str | None = None
     max_shard_size: str | int = "5GB"
+    as_adapter: bool = False
+    max_rank: int | None = None
+    energy: float | None = 0.999
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "forget") -> ForgetConfig:
@@ -263,6 +295,10 @@ class ForgetConfig:
         _reject_unknown(data, fields, path, hint)
         if "task" not in data:
             raise ConfigError(f"{_join(path, 'task')}: required (the task to forget)")
+        if data.get("as_adapter") and data.get("target") is not None:
+            raise ConfigError(
+                f"{_join(path, 'target')}: an adapter (as_adapter) edits the base model; leave target empty"
+            )
         return cls(
             task=validate_task_name(_string(data["task"], _join(path, "task"))),
             method=method,
@@ -271,6 +307,9 @@ class ForgetConfig:
             params=params,
             torch_dtype=_dtype(data.get("torch_dtype"), _join(path, "torch_dtype")),
             max_shard_size=_shard_size(data.get("max_shard_size", "5GB"), _join(path, "max_shard_size")),
+            as_adapter=_bool(data.get("as_adapter", False), _join(path, "as_adapter")),
+            max_rank=_int(data.get("max_rank"), _join(path, "max_rank"), low=1, optional=True),
+            energy=_energy(data.get("energy", 0.999), _join(path, "energy")),
         )
 
 
@@ -428,6 +467,10 @@ class Recipe:
         overwrite: replace a non-empty ``output_dir``.
         push_to_hub: upload the result (:class:`PushConfig`, or just a repo id).
         trust_remote_code: allow custom model code when loading models for calibration.
+        output_format: ``"adapter"`` writes a PEFT LoRA adapter instead of a full checkpoint (as the merger records
+            it; ``merge.output_format`` / ``forget.as_adapter`` say the same).
+        adapter: the adapter's ``max_rank`` / ``energy`` (defaults for the section's own), and what the merger
+            recorded about the factorisation (kept as information).
     """
 
     base_model: str
@@ -441,6 +484,8 @@ class Recipe:
     overwrite: bool = False
     push_to_hub: PushConfig | None = None
     trust_remote_code: bool = False
+    output_format: str = "full"
+    adapter: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:
@@ -482,9 +527,22 @@ class Recipe:
             raise ConfigError("models: the recipe has no input (models, adapters or task_vectors)")
         if ("merge" in data) == ("forget" in data):
             raise ConfigError("merge: a recipe needs exactly one of a merge: or a forget: section")
+        output_format = _choice(data.get("output_format", "full"), "output_format", OUTPUT_FORMATS)
+        adapter = _mapping(data.get("adapter"), "adapter")
+        adapter_options = {
+            "max_rank": _int(adapter.get("max_rank"), "adapter.max_rank", low=1, optional=True),
+            "energy": _energy(adapter.get("energy"), "adapter.energy"),
+        }
         merge = forget = None
         if "merge" in data:
-            merge = parse_merge_config(data["merge"], "merge")
+            section = _mapping(data["merge"], "merge")
+            if output_format == "adapter":  # the top-level output_format / adapter fill the merge's own
+                section.setdefault("output_format", "adapter")
+                for key, value in adapter_options.items():
+                    if value is not None:
+                        section.setdefault(key, value)
+            merge = parse_merge_config(section, "merge")
+            output_format = merge.output_format
             for index, task in enumerate(merge.tasks or []):
                 if task not in seen:
                     raise ConfigError(f"merge.tasks[{index}]: unknown task '{task}'; inputs: {', '.join(tasks)}")
@@ -500,7 +558,14 @@ class Recipe:
                 )
             needs_importance = merged if get_merge_method(merge.method).requires_importance else []
         else:
-            forget = ForgetConfig.from_dict(data["forget"], "forget")
+            section = _mapping(data["forget"], "forget")
+            if output_format == "adapter":
+                section.setdefault("as_adapter", True)
+                for key, value in adapter_options.items():
+                    if value is not None:
+                        section.setdefault(key, value)
+            forget = ForgetConfig.from_dict(section, "forget")
+            output_format = "adapter" if forget.as_adapter else "full"
             if forget.task not in seen:
                 raise ConfigError(f"forget.task: unknown task '{forget.task}'; inputs: {', '.join(tasks)}")
             needs_importance = [forget.task] if forget.method == "sta" else []
@@ -529,6 +594,8 @@ class Recipe:
             overwrite=_bool(data.get("overwrite", False), "overwrite"),
             push_to_hub=PushConfig.from_dict(push) if push is not None else None,
             trust_remote_code=_bool(data.get("trust_remote_code", False), "trust_remote_code"),
+            output_format=output_format,
+            adapter=adapter if output_format == "adapter" else {},
         )
 
     @classmethod
@@ -566,6 +633,10 @@ class Recipe:
             }
         if self.trust_remote_code:
             data["trust_remote_code"] = True
+        if self.output_format == "adapter":
+            data["output_format"] = "adapter"
+            if self.adapter:
+                data["adapter"] = dict(self.adapter)
         return data
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
@@ -706,6 +777,7 @@ def _summary(recipe: Recipe, merger: Any) -> dict[str, Any]:
         "method": section.method,
         "params": {k: v for k, v in section.params.items() if v is not None},
         "importance": {task: (c.path or c.data or c.metric) for task, c in recipe.importance.items()},
+        "output_format": recipe.output_format,
         "output_dir": recipe.output_dir,
         "push_to_hub": recipe.push_to_hub.repo_id if recipe.push_to_hub else None,
     }
@@ -756,6 +828,9 @@ def run_recipe(recipe: Recipe, dry_run: bool = False):
                 overwrite=recipe.overwrite,
                 torch_dtype=forget.torch_dtype,
                 max_shard_size=forget.max_shard_size,
+                as_adapter=forget.as_adapter,
+                max_rank=forget.max_rank,
+                energy=forget.energy,
                 **params,
             )
         commit = recipe.push_to_hub.push(output) if recipe.push_to_hub is not None else None

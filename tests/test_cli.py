@@ -166,6 +166,9 @@ def test_dry_run_writes_nothing(tmp_path, llama_checkpoints, capsys):
         ({"forget": {"task": "code"}}, "merge: a recipe needs exactly one of a merge: or a forget: section"),
         ({"push_to_hub": {"repo_id": "a/b/c"}}, "push_to_hub.repo_id: Repo id must be in the form"),
         ({"base_model": None}, "base_model must be a non-empty string, got None"),
+        ({"merge": {"output_format": "adapter"}}, "merge.max_rank: an adapter output needs max_rank or energy"),
+        ({"merge": {"output_format": "gguf"}}, "merge.output_format must be one of full, adapter, got 'gguf'"),
+        ({"output_format": "adapter", "adapter": {"energy": 2}}, "adapter.energy must be in (0, 1], got 2"),
     ],
 )
 def test_bad_config_is_one_line_and_exit_2(tmp_path, llama_checkpoints, capsys, change, message):
@@ -364,3 +367,42 @@ def test_recipe_mixes_finetunes_adapters_and_task_vectors(tmp_path, llama_checkp
     for key, theta_0 in base.items():
         expected = theta_0 + 0.5 * sum(model[key] - theta_0 for model in inputs)
         torch.testing.assert_close(merged[key], expected, rtol=0, atol=1e-6, msg=key)
+    # The recipe written next to the weights lists each input under its role, so it runs again.
+    written = yaml.safe_load((tmp_path / "merged" / "hf_sta_config.yaml").read_text())
+    assert (written["adapters"], written["task_vectors"]) == (recipe["adapters"], recipe["task_vectors"])
+    again = tmp_path / "again"
+    assert main(["merge", str(tmp_path / "merged" / "hf_sta_config.yaml"), "--output-dir", str(again)]) == 0
+    assert_same_weights(again, merged)
+
+
+def test_adapter_outputs_from_yaml(tmp_path, llama_checkpoints):
+    recipe = llama_recipe(llama_checkpoints, tmp_path / "lora", method="task_arithmetic", scaling=0.5)
+    recipe["merge"].update(output_format="adapter", max_rank=4)
+    assert main(["merge", str(write_recipe(tmp_path / "r.yaml", recipe))]) == 0
+    merger = STAMerger.from_pretrained(llama_checkpoints.base, llama_checkpoints.finetuned)
+    merger.merge(scaling=0.5, output_format="adapter", max_rank=4, output_dir=tmp_path / "expected")
+    assert_same_weights(tmp_path / "lora", load_state_dict(tmp_path / "expected"))
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    written = Recipe.from_yaml(tmp_path / "lora" / "hf_sta_config.yaml")
+    assert (written.output_format, written.merge.output_format, written.merge.max_rank) == ("adapter", "adapter", 4)
+    assert main(["merge", str(tmp_path / "lora" / "hf_sta_config.yaml"), "--output-dir", str(tmp_path / "again")]) == 0
+    assert_same_weights(tmp_path / "again", load_state_dict(tmp_path / "lora"))
+
+    # Forgetting as a reversible adapter; the top-level output_format / adapter (as the merger writes them) work too.
+    forget = {
+        "base_model": str(llama_checkpoints.base),
+        "models": {"code": str(llama_checkpoints.finetuned["code"])},
+        "forget": {"task": "code", "method": "negation", "scaling": 0.5},
+        "output_format": "adapter",
+        "adapter": {"max_rank": 2},
+        "output_dir": str(tmp_path / "forget-lora"),
+    }
+    assert main(["forget", str(write_recipe(tmp_path / "f.yaml", forget))]) == 0
+    merger = STAMerger.from_pretrained(llama_checkpoints.base, {"code": llama_checkpoints.finetuned["code"]})
+    merger.forget(
+        "code", method="negation", scaling=0.5, as_adapter=True, max_rank=2, output_dir=tmp_path / "f-expected"
+    )
+    assert_same_weights(tmp_path / "forget-lora", load_state_dict(tmp_path / "f-expected"))
+    loaded = Recipe.from_yaml(tmp_path / "f.yaml")
+    assert (loaded.forget.as_adapter, loaded.forget.max_rank) == (True, 2)
+    assert Recipe.from_dict(loaded.to_dict()) == loaded
