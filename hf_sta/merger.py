@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 RECIPE_NAME = "hf_sta_config.yaml"
 HEADS_FOLDER = "heads"
+IMPORTANCE_FOLDER = "importance"
 
 PathOrRepo = str | os.PathLike
 CheckpointInput = PathOrRepo | Mapping[str, torch.Tensor] | torch.nn.Module
@@ -68,6 +69,15 @@ def _name_tasks(finetuned: Mapping[str, Any] | Sequence[Any] | None) -> dict[str
     for name in named:
         validate_task_name(name)
     return named
+
+
+def _source_name(source: Any) -> str:
+    """How an input is recorded in recipes and cards: an absolute path for local folders/files (the recipe must work
+    from any directory), the repo id for Hub models, ``<in-memory>`` for state dicts and modules."""
+    if not isinstance(source, str | os.PathLike):
+        return "<in-memory>"
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
 
 
 def _tensor_seed(seed: int, key: str) -> int:
@@ -161,8 +171,8 @@ class STAMerger:
                     source, base, name=name, revision=revision, token=token
                 )
             named = {**named, **named_adapters}
-        sources = {name: str(src) for name, src in named.items() if isinstance(src, str | os.PathLike)}
-        sources["base"] = str(base_model) if isinstance(base_model, str | os.PathLike) else "<in-memory>"
+        sources = {name: _source_name(src) for name, src in named.items()}
+        sources["base"] = _source_name(base_model)
         return cls(base, task_vectors, sources=sources, trust_remote_code=trust_remote_code)
 
     @classmethod
@@ -198,8 +208,8 @@ class STAMerger:
                         f"{list(base.shape(key))}."
                     )
             vectors[name] = vector
-            sources[name] = str(item) if not isinstance(item, TaskVector) else vector.name
-        sources["base"] = str(base_model) if isinstance(base_model, str | os.PathLike) else "<in-memory>"
+            sources[name] = _source_name(item) if not isinstance(item, TaskVector) else vector.name
+        sources["base"] = _source_name(base_model)
         merger = cls(base, vectors, sources=sources, trust_remote_code=trust_remote_code)
         for name, path in (importance or {}).items():
             merger.load_importance(name, path)
@@ -312,13 +322,13 @@ class STAMerger:
 
                 accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=False))
             loader = accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
-            statistics, micro_batches = accumulate_gradient_statistics(
+            statistics, micro_batches, samples = accumulate_gradient_statistics(
                 model,
                 loader,
                 statistic=statistic,
                 parameter_names=names,
                 loss_fn=loss_fn,
-                num_samples=None if isinstance(data, torch.utils.data.DataLoader) and num_samples is None else None,
+                num_samples=num_samples,
                 accelerator=accelerator,
                 gradient_checkpointing=gradient_checkpointing,
                 show_progress=show_progress,
@@ -332,9 +342,6 @@ class STAMerger:
                 scores[key] = finish_importance(
                     metric, gradient_statistic=statistics[key], theta=theta, task_vector=tau
                 )
-            samples = len(loader.dataset) if hasattr(loader, "dataset") else micro_batches * micro_batch_size
-            if num_samples is not None:
-                samples = min(samples, num_samples) if not isinstance(data, torch.utils.data.DataLoader) else samples
         result = ImportanceScores.from_dict(
             scores,
             metric=metric,
@@ -876,7 +883,12 @@ class STAMerger:
                     writer.finish()
                 finally:
                     writer.abort()
-            self._write_companions(tmp, recipe, head_tasks, plan, adapter=adapter is not None, card=card)
+            existing_card = output_dir / "README.md"
+            if card and existing_card.is_file():  # overwriting: the card is updated, not replaced
+                shutil.copy2(existing_card, tmp / "README.md")
+            self._write_companions(
+                tmp, recipe, head_tasks, plan, adapter=adapter is not None, card=card, output_dir=output_dir
+            )
         logger.info("Wrote %s", output_dir)
         return output_dir
 
@@ -917,6 +929,7 @@ class STAMerger:
         *,
         adapter: bool = False,
         card: bool = True,
+        output_dir: Path | None = None,
     ) -> None:
         """Config/tokenizer from the base (full checkpoints), task heads, and the recipe next to the weights."""
         if not adapter:
@@ -932,6 +945,12 @@ class STAMerger:
             vector = self.task_vectors[task]
             if getattr(vector, "head_keys", None):
                 save_tensors(folder / HEADS_FOLDER / f"{task}.safetensors", vector.heads(), {"task": task})
+        if card and self._card_importance:
+            # The importance the result depends on travels with it, so the recipe re-runs anywhere.
+            recipe["importance"] = {}
+            for task in self._card_importance:
+                path = self.importance[task].save(folder / IMPORTANCE_FOLDER / f"{task}.safetensors")
+                recipe["importance"][task] = {"path": str((output_dir or folder).resolve() / path.relative_to(folder))}
         (folder / RECIPE_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False))
         if not card:  # a private folder that only transformers reads back
             return

@@ -330,4 +330,4 @@ def test_card_from_a_real_merge(tmp_path, llama_checkpoints):
     rows = table_rows(card.text, "| Layer | code |")
     assert rows[2].startswith("| model.layers.0 | 50.0% | 50.0% | 50.0% |")
     assert (folder / IMPORTANCE_PLOT).read_bytes().startswith(PNG_MAGIC)
-    assert "| code | magnitude | 0 | no data" in card.text
+    assert "| code | magnitude | 0 | from code.safetensors, no data" in card.text

@@ -406,3 +406,28 @@ def test_adapter_outputs_from_yaml(tmp_path, llama_checkpoints):
     loaded = Recipe.from_yaml(tmp_path / "f.yaml")
     assert (loaded.forget.as_adapter, loaded.forget.max_rank) == (True, 2)
     assert Recipe.from_dict(loaded.to_dict()) == loaded
+
+
+def test_saved_sta_recipe_reruns_from_another_directory(tmp_path, llama_checkpoints, monkeypatch):
+    """The recipe next to an STA merge records absolute inputs and the importance it used: it reproduces the merge."""
+    from hf_sta import STAMerger
+    from hf_sta.cli import main
+    from tests.conftest import load_state_dict
+
+    monkeypatch.chdir(tmp_path)
+    merger = STAMerger.from_pretrained(llama_checkpoints.base, llama_checkpoints.finetuned)
+    for task in merger.tasks:
+        merger.compute_importance(task, metric="magnitude")
+    first = merger.merge(method="sta", density=0.3, output_dir="first")
+    assert sorted(p.name for p in (first / "importance").iterdir()) == sorted(f"{t}.safetensors" for t in merger.tasks)
+    (first / "README.md").write_text((first / "README.md").read_text() + "\nMy own notes.\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["merge", str(tmp_path / "first" / "hf_sta_config.yaml"), "--output-dir", "second"]) == 0
+    again = load_state_dict(elsewhere / "second")
+    for key, value in load_state_dict(tmp_path / "first").items():
+        assert torch.equal(again[key], value), key
+    monkeypatch.chdir(tmp_path)
+    merger.merge(method="sta", density=0.3, output_dir="first", overwrite=True)
+    assert "My own notes." in (first / "README.md").read_text()

@@ -78,7 +78,7 @@ def accumulate_gradient_statistics(
     gradient_checkpointing: bool = False,
     show_progress: bool = True,
     description: str = "importance",
-) -> tuple[dict[str, torch.Tensor], int]:
+) -> tuple[dict[str, torch.Tensor], int, int]:
     """Mean over micro-batches of ``|g_j|`` (``statistic="abs"``) or ``g_j^2`` (``"square"``) for each parameter.
 
     Args:
@@ -95,8 +95,8 @@ def accumulate_gradient_statistics(
         gradient_checkpointing: trade compute for memory on transformers models.
 
     Returns:
-        ``({name: fp32 CPU tensor of the parameter's shape}, J)`` where ``J`` is the number of micro-batches summed
-        over all processes.
+        ``({name: fp32 CPU tensor of the parameter's shape}, J, N)`` where ``J`` is the number of micro-batches and
+        ``N`` the number of samples, both summed over all processes.
     """
     if statistic not in ("abs", "square"):
         raise ValueError(f"statistic must be 'abs' or 'square', got {statistic!r}")
@@ -175,10 +175,10 @@ def accumulate_gradient_statistics(
             param.requires_grad_(requires_grad_before[id(param)])
             param.grad = None
 
-    total = torch.tensor(micro_batches, device=device, dtype=torch.float64)
+    totals = torch.tensor([micro_batches, samples], device=device, dtype=torch.float64)
     if accelerator.num_processes > 1:
-        total = accelerator.reduce(total, reduction="sum")
-    count = int(total.item())
+        totals = accelerator.reduce(totals, reduction="sum")
+    count, total_samples = int(totals[0].item()), int(totals[1].item())
     if count == 0:
         raise ValueError("The calibration data is empty: no batch was processed.")
     result: dict[str, torch.Tensor] = {}
@@ -188,4 +188,4 @@ def accumulate_gradient_statistics(
         mean = (accumulator / count).cpu()
         for name in names_of[pid]:
             result[name] = mean
-    return result, count
+    return result, count, total_samples
