@@ -1,0 +1,268 @@
+"""Merging and forgetting benchmark: STA against the baselines on six real text tasks (MiniLM, all offline).
+
+Protocol (quoted in the README):
+
+* Models: all-MiniLM-L6-v2 fully fine-tuned on each task (``benchmarks.finetune``: 2 epochs, <= 600 training
+  examples, lr 5e-5, batch 16, max length 128); seeds 0, 1, 2 change head init, dropout and batch order. Task heads
+  are never merged: each task is scored with its own head on the merged body.
+* Data: ``benchmarks.tasks`` fixed splits (train <= 600 / validation 200 / test 400 per task).
+* Tuning uses the validation split (mean accuracy over tasks); every number reported is test accuracy of the chosen
+  configuration. Normalised accuracy = mean over tasks of merged accuracy / the task's own fine-tune accuracy.
+* STA importance: ``taylor`` metric on the first ``--calibration-samples`` (default 128) training examples of each
+  task, micro-batches of 8.
+* Forgetting: forget each task from the six-task STA merge (defaults) and from its own fine-tune; scaling chosen on validation as
+  in task negation (largest target drop while the other tasks keep >= 95% of their accuracy on the unedited model);
+  reported: target test accuracy, chance level, and control retention on test.
+
+``python -m benchmarks.bench_merging --part merge`` (3 seeds), ``--part ablation`` (seed 0),
+``--part forget`` (seed 0). Results: ``benchmarks/results/{merging,ablation,forgetting}.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import TaskSuite, mean, normalized
+from benchmarks.tasks import TASKS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+logger = logging.getLogger("bench_merging")
+
+GRIDS = {
+    "task_arithmetic": [{"scaling": s} for s in (0.3, 0.5, 0.7, 1.0)],
+    "ties": [{"density": 0.2, "scaling": s} for s in (0.7, 1.0, 1.3)],
+    "dare_ties": [{"density": 0.5, "scaling": s} for s in (0.7, 1.0)],
+    "sta": [{"density": d, "scaling": s} for d, s in itertools.product((0.1, 0.2, 0.4), (0.8, 1.0))],
+}
+FORGET_SCALINGS = (1.0, 2.0, 3.0)
+
+
+def _environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _score(suite: TaskSuite, merger, split: str, method: str, **config) -> dict[str, float]:
+    return suite.evaluate(merger.merge(method=method, **config), split)
+
+
+def _tune(suite: TaskSuite, merger, method: str, grid: list[dict]) -> tuple[dict, list[dict]]:
+    trials = []
+    for config in grid:
+        trials.append(
+            {"config": config, "validation": mean(_score(suite, merger, "validation", method, **config).values())}
+        )
+        logger.info("%s %s -> %.4f", method, config, trials[-1]["validation"])
+    best = max(trials, key=lambda trial: trial["validation"])
+    return best["config"], trials
+
+
+def run_merge(seeds: list[int], tasks: list[str], calibration: int) -> dict:
+    per_seed = []
+    for seed in seeds:
+        started = time.perf_counter()
+        suite = TaskSuite(tasks, seed=seed).prepare()
+        individual = suite.individual("test")
+        merger = suite.merger()
+        for task in tasks:
+            merger.compute_importance(
+                task, suite.calibration(task, calibration), num_samples=calibration, show_progress=False
+            )
+        rows = {"individual": {"config": {}, "test": individual}}
+        rows["average"] = {"config": {}, "test": _score(suite, merger, "test", "average")}
+        rows["sta_default"] = {"config": {}, "test": _score(suite, merger, "test", "sta")}
+        for method, grid in GRIDS.items():
+            config, trials = _tune(suite, merger, method, grid)
+            rows[f"{method}_tuned"] = {
+                "config": config,
+                "test": _score(suite, merger, "test", method, **config),
+                "trials": trials,
+            }
+        for row in rows.values():
+            row["average"] = mean(row["test"].values())
+            row["normalized"] = normalized(row["test"], individual)
+        per_seed.append({"seed": seed, "rows": rows, "seconds": time.perf_counter() - started})
+        logger.info("seed %d done in %.0f s", seed, per_seed[-1]["seconds"])
+    summary = {}
+    for name in per_seed[0]["rows"]:
+        values = [s["rows"][name]["normalized"] for s in per_seed]
+        averages = [s["rows"][name]["average"] for s in per_seed]
+        summary[name] = {
+            "normalized_mean": statistics.mean(values),
+            "normalized_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "average_mean": statistics.mean(averages),
+            "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0,
+            "per_task_mean": {t: statistics.mean(s["rows"][name]["test"][t] for s in per_seed) for t in tasks},
+            "configs": [s["rows"][name]["config"] for s in per_seed],
+        }
+    return {
+        "tasks": tasks,
+        "seeds": seeds,
+        "calibration_samples": calibration,
+        "summary": summary,
+        "per_seed": per_seed,
+        "environment": _environment(),
+    }
+
+
+def run_ablation(tasks: list[str], seed: int = 0) -> dict:
+    """STA at scaling 1 (no tuning) while one choice varies; test split, seed 0."""
+    suite = TaskSuite(tasks, seed=seed).prepare()
+    individual = suite.individual("test")
+    merger = suite.merger()
+    results: dict[str, list[dict]] = {"metric": [], "density": [], "threshold": [], "overlap": [], "samples": []}
+
+    def record(kind: str, value, **config) -> None:
+        scores = _score(suite, merger, "test", "sta", **config)
+        results[kind].append(
+            {
+                "value": value,
+                "config": config,
+                "average": mean(scores.values()),
+                "normalized": normalized(scores, individual),
+            }
+        )
+        logger.info("ablation %s=%s -> %.4f", kind, value, results[kind][-1]["normalized"])
+
+    def importance(metric: str, samples: int) -> None:
+        for task in tasks:
+            merger.compute_importance(
+                task,
+                suite.calibration(task, samples) if metric != "magnitude" else None,
+                metric=metric,
+                num_samples=samples,
+                show_progress=False,
+            )
+
+    for samples in (16, 64, 256, 600):
+        importance("taylor", samples)
+        record("samples", samples)
+    for metric in ("taylor_delta", "fisher", "magnitude", "taylor"):  # taylor last: reused below
+        importance(metric, 128)
+        record("metric", metric)
+    for density in (0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0):
+        record("density", density, density=density)
+    for threshold in (0.001, 0.01, 0.05, 0.2):
+        record("threshold", threshold, threshold=threshold)
+    for overlap in ("sum", "mean", "max_importance"):
+        record("overlap", overlap, overlap=overlap)
+    record("density", "0.2 global", density=0.2, density_scope="global")
+    return {"tasks": tasks, "seed": seed, "results": results, "environment": _environment()}
+
+
+def run_forget(tasks: list[str], seed: int = 0, calibration: int = 128) -> dict:
+    suite = TaskSuite(tasks, seed=seed).prepare()
+    merger = suite.merger()
+    for task in tasks:
+        merger.compute_importance(
+            task, suite.calibration(task, calibration), num_samples=calibration, show_progress=False
+        )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = merger.merge(method="sta", output_dir=Path(tmp) / "merged")
+        for task, target_kind, method in itertools.product(tasks, ("merge", "own"), ("sta", "negation")):
+            target = merged if target_kind == "merge" else task
+            others = [t for t in tasks if t != task]
+            curve = merger.tune_forgetting(
+                task,
+                eval_fn=lambda body, task=task: suite.accuracy(body, task, "validation"),
+                control_fn=lambda body, others=others: mean(suite.evaluate(body, "validation", others).values()),
+                scalings=FORGET_SCALINGS,
+                method=method,
+                target=target,
+            )
+            before = suite.evaluate(merger.forget(task, scaling=0.0, method=method, target=target), "test")
+            scaling = curve.best_scaling or 0.0
+            after = suite.evaluate(merger.forget(task, scaling=scaling, method=method, target=target), "test")
+            rows.append(
+                {
+                    "task": task,
+                    "from": target_kind,
+                    "method": method,
+                    "scaling": scaling,
+                    "target_before": before[task],
+                    "target_after": after[task],
+                    "chance": suite.chance(task),
+                    "control_retention": mean(after[t] for t in others) / mean(before[t] for t in others),
+                    "curve": curve.points,
+                }
+            )
+            logger.info("forget %s from %s with %s: %s", task, target_kind, method, rows[-1])
+    return {"tasks": tasks, "seed": seed, "merge": "STA defaults", "rows": rows, "environment": _environment()}
+
+
+def print_merge(result: dict) -> None:
+    tasks = result["tasks"]
+    print(f"\nMerging {len(tasks)} MiniLM fine-tunes, test accuracy, mean over seeds {result['seeds']}\n")
+    print("| method | " + " | ".join(tasks) + " | average | normalised (mean ± std) |")
+    print("|---" * (len(tasks) + 3) + "|")
+    for name, row in result["summary"].items():
+        cells = " | ".join(f"{row['per_task_mean'][t]:.3f}" for t in tasks)
+        print(
+            f"| {name} | {cells} | {row['average_mean']:.3f} | {row['normalized_mean']:.3f} ± "
+            f"{row['normalized_std']:.3f} |"
+        )
+
+
+def print_ablation(result: dict) -> None:
+    print("\nSTA ablations (seed 0, scaling 1, test): normalised accuracy\n")
+    print("| varied | value | normalised | average |")
+    print("|---|---|---|---|")
+    for kind, rows in result["results"].items():
+        for row in rows:
+            print(f"| {kind} | {row['value']} | {row['normalized']:.3f} | {row['average']:.3f} |")
+
+
+def print_forget(result: dict) -> None:
+    print(f"\nForgetting (seed 0; from = the six-task merge ({result['merge']}) or the task's own fine-tune)\n")
+    print("| task | from | method | scaling | target before | target after | chance | control retention |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in result["rows"]:
+        print(
+            f"| {row['task']} | {row['from']} | {row['method']} | {row['scaling']:g} | {row['target_before']:.3f} "
+            f"| {row['target_after']:.3f} | {row['chance']:.3f} | {row['control_retention']:.3f} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("merge", "ablation", "forget"), required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--calibration-samples", type=int, default=128)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "transformers", "datasets", "hf_sta"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    RESULTS.mkdir(exist_ok=True)
+    if args.part == "merge":
+        result = run_merge(args.seeds, args.tasks, args.calibration_samples)
+        print_merge(result)
+        name = "merging"
+    elif args.part == "ablation":
+        result = run_ablation(args.tasks, seed=args.seeds[0])
+        print_ablation(result)
+        name = "ablation"
+    else:
+        result = run_forget(args.tasks, seed=args.seeds[0], calibration=args.calibration_samples)
+        print_forget(result)
+        name = "forgetting"
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

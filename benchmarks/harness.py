@@ -1,0 +1,132 @@
+"""Evaluation harness shared by the demo and the benchmarks: MiniLM fine-tunes, their heads, fast scoring of bodies.
+
+A merged model is a body (``BertModel``) shared by all tasks; each task keeps its own ``classifier`` head (hf_sta saves
+it under ``heads/<task>.safetensors``). ``TaskSuite.evaluate(body)`` tokenizes every split once and scores the body
+with each task's head: ``logits = classifier(pooler_output(body(text)))``, the computation of
+``BertForSequenceClassification`` in eval mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.finetune import finetune, minilm_path, read_finetune_info
+from benchmarks.tasks import chance_level, load_task
+from hf_sta import STAMerger
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Split:
+    batches: list[tuple[dict[str, torch.Tensor], torch.Tensor]]
+    size: int
+
+
+@dataclass
+class TaskSuite:
+    """Fine-tuned MiniLM models for ``tasks`` (one seed), their heads and their tokenized splits."""
+
+    tasks: Sequence[str]
+    seed: int = 0
+    train_size: int = 600
+    epochs: int = 2
+    batch_size: int = 64
+    model_dirs: dict[str, Path] = field(default_factory=dict)
+    heads: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    data: dict[str, object] = field(default_factory=dict)
+    _splits: dict[tuple[str, str], _Split] = field(default_factory=dict)
+
+    def prepare(self) -> TaskSuite:
+        """Fine-tune (or find cached) every task model and read its head."""
+        from safetensors.torch import load_file
+
+        for task in self.tasks:
+            started = time.perf_counter()
+            self.model_dirs[task] = finetune(task, seed=self.seed, train_size=self.train_size, epochs=self.epochs)
+            state = load_file(self.model_dirs[task] / "model.safetensors")
+            self.heads[task] = (state["classifier.weight"], state["classifier.bias"])
+            self.data[task] = load_task(task, train_size=self.train_size)
+            logger.info("task %s ready (%.0f s)", task, time.perf_counter() - started)
+        return self
+
+    def _split(self, task: str, split: str) -> _Split:
+        key = (task, split)
+        if key not in self._splits:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dirs[task])
+            max_length = read_finetune_info(self.model_dirs[task])["max_length"]
+            rows = self.data[task][split]
+            texts, labels = list(rows["text"]), torch.tensor(rows["label"])
+            order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+            batches = []
+            for start in range(0, len(order), self.batch_size):
+                indices = order[start : start + self.batch_size]
+                inputs = tokenizer(
+                    [texts[i] for i in indices],
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
+                )
+                batches.append((dict(inputs), labels[indices]))
+            self._splits[key] = _Split(batches, len(texts))
+        return self._splits[key]
+
+    @torch.inference_mode()
+    def accuracy(self, body: torch.nn.Module, task: str, split: str = "test") -> float:
+        """Accuracy of ``body`` (a ``BertModel``) with ``task``'s head on ``split``."""
+        weight, bias = self.heads[task]
+        body.eval()
+        correct = 0
+        data = self._split(task, split)
+        for inputs, labels in data.batches:
+            pooled = body(**inputs).pooler_output
+            correct += int(((pooled @ weight.T + bias).argmax(-1) == labels).sum())
+        return correct / data.size
+
+    def evaluate(self, body: torch.nn.Module, split: str = "test", tasks: Sequence[str] | None = None) -> dict:
+        return {task: self.accuracy(body, task, split) for task in (tasks or self.tasks)}
+
+    def individual(self, split: str = "test") -> dict[str, float]:
+        """Each task's own fine-tuned body with its head: the reference for normalised accuracy."""
+        from transformers import BertModel
+
+        scores = {}
+        for task in self.tasks:
+            body = BertModel.from_pretrained(self.model_dirs[task])  # drops the head, keeps bert.* as the body
+            scores[task] = self.accuracy(body, task, split)
+        return scores
+
+    def base_body(self) -> torch.nn.Module:
+        from transformers import BertModel
+
+        return BertModel.from_pretrained(minilm_path())
+
+    def merger(self, tasks: Sequence[str] | None = None) -> STAMerger:
+        return STAMerger.from_pretrained(minilm_path(), {t: self.model_dirs[t] for t in (tasks or self.tasks)})
+
+    def calibration(self, task: str, num_samples: int):
+        """The first ``num_samples`` training examples of ``task`` (its own data), as a ``datasets.Dataset``."""
+        train = self.data[task]["train"]
+        return train.select(range(min(num_samples, len(train))))
+
+    def chance(self, task: str) -> float:
+        return chance_level(task, train_size=self.train_size)
+
+
+def normalized(scores: Mapping[str, float], reference: Mapping[str, float]) -> float:
+    """Mean over tasks of ``score / individual score``."""
+    return sum(scores[t] / reference[t] for t in scores) / len(scores)
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
