@@ -79,9 +79,7 @@ def run_merge(seeds: list[int], tasks: list[str], calibration: int) -> dict:
         individual = suite.individual("test")
         merger = suite.merger()
         for task in tasks:
-            merger.compute_importance(
-                task, suite.calibration(task, calibration), num_samples=calibration, show_progress=False
-            )
+            suite.importance(merger, task, calibration)
         rows = {"individual": {"config": {}, "test": individual}}
         rows["average"] = {"config": {}, "test": _score(suite, merger, "test", "average")}
         rows["sta_default"] = {"config": {}, "test": _score(suite, merger, "test", "sta")}
@@ -140,13 +138,7 @@ def run_ablation(tasks: list[str], seed: int = 0) -> dict:
 
     def importance(metric: str, samples: int) -> None:
         for task in tasks:
-            merger.compute_importance(
-                task,
-                suite.calibration(task, samples) if metric != "magnitude" else None,
-                metric=metric,
-                num_samples=samples,
-                show_progress=False,
-            )
+            suite.importance(merger, task, samples, metric)
 
     for samples in (16, 64, 256, 600):
         importance("taylor", samples)
@@ -164,17 +156,15 @@ def run_ablation(tasks: list[str], seed: int = 0) -> dict:
     return {"tasks": tasks, "seed": seed, "results": results, "environment": _environment()}
 
 
-def run_forget(tasks: list[str], seed: int = 0, calibration: int = 128) -> dict:
+def run_forget(tasks: list[str], seed: int = 0, calibration: int = 128, forget: list[str] | None = None) -> dict:
     suite = TaskSuite(tasks, seed=seed).prepare()
     merger = suite.merger()
     for task in tasks:
-        merger.compute_importance(
-            task, suite.calibration(task, calibration), num_samples=calibration, show_progress=False
-        )
+        suite.importance(merger, task, calibration)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         merged = merger.merge(method="sta", output_dir=Path(tmp) / "merged")
-        for task, target_kind, method in itertools.product(tasks, ("merge", "own"), ("sta", "negation")):
+        for task, target_kind, method in itertools.product(forget or tasks, ("merge", "own"), ("sta", "negation")):
             target = merged if target_kind == "merge" else task
             others = [t for t in tasks if t != task]
             curve = merger.tune_forgetting(
@@ -244,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--forget-tasks", nargs="+", default=None, help="tasks to forget (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "transformers", "datasets", "hf_sta"):
@@ -258,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
         print_ablation(result)
         name = "ablation"
     else:
-        result = run_forget(args.tasks, seed=args.seeds[0], calibration=args.calibration_samples)
+        result = run_forget(
+            args.tasks, seed=args.seeds[0], calibration=args.calibration_samples, forget=args.forget_tasks
+        )
         print_forget(result)
         name = "forgetting"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

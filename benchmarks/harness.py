@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.finetune import finetune, minilm_path, read_finetune_info
-from benchmarks.tasks import chance_level, load_task
+from benchmarks.tasks import cache_root, chance_level, load_task
 from hf_sta import STAMerger
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,18 @@ class TaskSuite:
         """The first ``num_samples`` training examples of ``task`` (its own data), as a ``datasets.Dataset``."""
         train = self.data[task]["train"]
         return train.select(range(min(num_samples, len(train))))
+
+    def importance(self, merger: STAMerger, task: str, num_samples: int, metric: str = "taylor") -> None:
+        """``merger.compute_importance`` on the task's first ``num_samples`` training examples, cached on disk by
+        model hash, metric and sample count (the scores are a pure function of those)."""
+        vector = merger.task_vectors[task]
+        path = cache_root() / "importance" / f"{task}-{vector.model_hash}-{metric}-{num_samples}.safetensors"
+        if path.is_file():
+            merger.load_importance(task, path)
+            return
+        data = None if metric == "magnitude" else self.calibration(task, num_samples)
+        merger.compute_importance(task, data, metric=metric, num_samples=num_samples, show_progress=False)
+        merger.save_importance(task, path)
 
     def chance(self, task: str) -> float:
         return chance_level(task, train_size=self.train_size)
