@@ -156,7 +156,13 @@ def run_ablation(tasks: list[str], seed: int = 0) -> dict:
     return {"tasks": tasks, "seed": seed, "results": results, "environment": _environment()}
 
 
-def run_forget(tasks: list[str], seed: int = 0, calibration: int = 128, forget: list[str] | None = None) -> dict:
+def run_forget(
+    tasks: list[str],
+    seed: int = 0,
+    calibration: int = 128,
+    forget: list[str] | None = None,
+    sources: tuple[str, ...] = ("merge", "own"),
+) -> dict:
     suite = TaskSuite(tasks, seed=seed).prepare()
     merger = suite.merger()
     for task in tasks:
@@ -164,7 +170,7 @@ def run_forget(tasks: list[str], seed: int = 0, calibration: int = 128, forget: 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         merged = merger.merge(method="sta", output_dir=Path(tmp) / "merged")
-        for task, target_kind, method in itertools.product(forget or tasks, ("merge", "own"), ("sta", "negation")):
+        for task, target_kind, method in itertools.product(forget or tasks, sources, ("sta", "negation")):
             target = merged if target_kind == "merge" else task
             others = [t for t in tasks if t != task]
             curve = merger.tune_forgetting(
@@ -235,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--forget-tasks", nargs="+", default=None, help="tasks to forget (default: all)")
+    parser.add_argument("--forget-from", nargs="+", default=["merge", "own"], choices=["merge", "own"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "transformers", "datasets", "hf_sta"):
@@ -250,7 +257,11 @@ def main(argv: list[str] | None = None) -> None:
         name = "ablation"
     else:
         result = run_forget(
-            args.tasks, seed=args.seeds[0], calibration=args.calibration_samples, forget=args.forget_tasks
+            args.tasks,
+            seed=args.seeds[0],
+            calibration=args.calibration_samples,
+            forget=args.forget_tasks,
+            sources=tuple(args.forget_from),
         )
         print_forget(result)
         name = "forgetting"
