@@ -14,7 +14,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -76,10 +76,6 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 _TORCH_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 MERGEABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def is_floating(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point
 
 
 def parse_size(size: int | str) -> int:
@@ -546,11 +542,6 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-
-
-def iter_tensors(source: TensorSource, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    for key in keys if keys is not None else source.keys():
-        yield key, source.get_tensor(key)
 
 
 def fingerprint(source: TensorSource) -> str:
