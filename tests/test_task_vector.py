@@ -41,7 +41,9 @@ def test_nothing_is_read_until_asked(bert_checkpoints, monkeypatch):
 
 
 def test_arithmetic_and_apply_to(bert_checkpoints):
-    tv = {t: TaskVector.from_pretrained(bert_checkpoints.base, p, name=t) for t, p in bert_checkpoints.finetuned.items()}
+    tv = {
+        t: TaskVector.from_pretrained(bert_checkpoints.base, p, name=t) for t, p in bert_checkpoints.finetuned.items()
+    }
     key = "encoder.layer.1.output.dense.weight"
     a, b, c = tv["news"][key], tv["sentiment"][key], tv["topic"][key]
     torch.testing.assert_close((tv["news"] + tv["sentiment"])[key], a + b)
@@ -105,8 +107,12 @@ def test_task_specific_patterns(bert_checkpoints):
         bert_checkpoints.finetuned["news"],
         task_specific=["bert.pooler.*", "classifier.*"],
     )
-    assert sorted(vector.head_keys) == ["bert.pooler.dense.bias", "bert.pooler.dense.weight", "classifier.bias",
-                                        "classifier.weight"]
+    assert sorted(vector.head_keys) == [
+        "bert.pooler.dense.bias",
+        "bert.pooler.dense.weight",
+        "classifier.bias",
+        "classifier.weight",
+    ]
     # the base's own pooler is kept as it is in the merged model, not merged
     assert sorted(k for k in vector.alignment.copied if "pooler" in k) == ["pooler.dense.bias", "pooler.dense.weight"]
     assert "pooler.dense.weight" not in vector.keys()
