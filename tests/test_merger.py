@@ -36,8 +36,11 @@ def _oracle(checkpoints, combine, scaling: float) -> dict[str, torch.Tensor]:
     [
         ("task_arithmetic", {}, merge_utils.task_arithmetic),
         ("ties", {"density": 0.3}, lambda d, w: merge_utils.ties(d, w, density=0.3)),
-        ("ties", {"density": 0.5, "majority_sign_method": "frequency"},
-         lambda d, w: merge_utils.ties(d, w, density=0.5, majority_sign_method="frequency")),
+        (
+            "ties",
+            {"density": 0.5, "majority_sign_method": "frequency"},
+            lambda d, w: merge_utils.ties(d, w, density=0.5, majority_sign_method="frequency"),
+        ),
         ("magnitude_prune", {"density": 0.4}, lambda d, w: merge_utils.magnitude_prune(d, w, density=0.4)),
     ],
 )
@@ -114,9 +117,10 @@ def test_output_dtype_and_sharding(tmp_path, llama_checkpoints):
     assert len(set(index["weight_map"].values())) > 1
     merged = load_state_dict(out)
     assert all(v.dtype == torch.bfloat16 for v in merged.values() if v.is_floating_point())
-    assert json.loads((out / "config.json").read_text()).get("dtype", None) in ("bfloat16", None) or json.loads(
-        (out / "config.json").read_text()
-    ).get("torch_dtype") == "bfloat16"
+    assert (
+        json.loads((out / "config.json").read_text()).get("dtype", None) in ("bfloat16", None)
+        or json.loads((out / "config.json").read_text()).get("torch_dtype") == "bfloat16"
+    )
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -205,7 +209,9 @@ def test_nan_in_a_finetuned_model_fails_the_merge_and_writes_nothing(tmp_path, l
     state = load_file(bad / "model.safetensors")
     state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")
     save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
-    merger = STAMerger.from_pretrained(llama_checkpoints.base, {"bad": bad, "math": llama_checkpoints.finetuned["math"]})
+    merger = STAMerger.from_pretrained(
+        llama_checkpoints.base, {"bad": bad, "math": llama_checkpoints.finetuned["math"]}
+    )
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.down_proj.weight.*'bad'.*NaN/inf"):
         merger.merge(output_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
