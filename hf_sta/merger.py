@@ -455,6 +455,12 @@ class STAMerger:
             plan.append(TensorPlan(key, self.base.shape(key), out))
         return plan
 
+    def _tau(self, vector: TaskVector, key: str, theta_0: torch.Tensor) -> torch.Tensor:
+        """``tau[key]``, reusing the merger's base tensor only when it is the vector's own base (a task vector built
+        against another model, e.g. passed to ``from_task_vectors(merged, ...)``, must read its own)."""
+        own_base = getattr(vector, "base", None)
+        return vector.get(key, theta_0 if own_base is None or own_base is self.base else None)
+
     def _importance_for(self, tasks: list[str], method: str) -> list[ImportanceScores]:
         missing = [t for t in tasks if t not in self.importance]
         if missing:
@@ -506,7 +512,7 @@ class STAMerger:
             stacked = torch.zeros((len(vectors), *item.shape), dtype=torch.float32)
             for index, vector in enumerate(vectors):
                 if key in vector:
-                    stacked[index] = vector.get(key, theta_0)
+                    stacked[index] = self._tau(vector, key, theta_0)
             if scores is not None:
                 params["importance"] = self._stacked_importance(scores, key, item.shape)
                 params["stats"] = {}
@@ -677,15 +683,15 @@ class STAMerger:
                 theta_0 = self.base.get_tensor(key)
                 theta = theta_0 if target_source is None else target_source.get_tensor(key)
                 if target_vector is not None and key in target_vector:
-                    theta = theta_0.float() + target_vector.get(key, theta_0)
+                    theta = theta_0.float() + self._tau(target_vector, key, theta_0)
                 if key not in vector:
                     yield item, theta, None
                     continue
                 if scores is None:
-                    edit = vector.get(key, theta_0)
+                    edit = self._tau(vector, key, theta_0)
                 else:
                     importance = scores[key] if key in scores else torch.zeros(item.shape)
-                    edit = forget_delta(vector.get(key, theta_0), importance, **params)
+                    edit = forget_delta(self._tau(vector, key, theta_0), importance, **params)
                 yield item, theta, edit.mul_(-float(scaling))
 
         self._card_importance = [task] if scores is not None else []

@@ -60,3 +60,18 @@ def test_shipped_files_are_checked(tmp_path, shipped, llama_checkpoints, bert_ch
     merger = STAMerger.from_task_vectors(llama_checkpoints.base, {"code": plain})
     with pytest.raises(ConfigError, match="records no num_samples"):
         merger.merge(weights="num_samples")
+
+
+def test_in_memory_task_vector_of_another_base_keeps_its_own_delta(tmp_path, llama_checkpoints):
+    """A task vector built against theta_0 and merged onto another model adds theta_t - theta_0, not
+    theta_t - other."""
+    merged = STAMerger.from_pretrained(llama_checkpoints.base, llama_checkpoints.finetuned).merge(
+        output_dir=tmp_path / "merged"
+    )
+    vector = TaskVector.from_pretrained(llama_checkpoints.base, llama_checkpoints.finetuned["code"], name="code")
+    result = STAMerger.from_task_vectors(merged, {"code": vector}).merge(scaling=-1.0)
+    base = load_state_dict(llama_checkpoints.base)
+    code = load_state_dict(llama_checkpoints.finetuned["code"])
+    start = load_state_dict(merged)
+    key = "model.layers.1.mlp.up_proj.weight"
+    torch.testing.assert_close(result.state_dict()[key], start[key] - (code[key] - base[key]))
