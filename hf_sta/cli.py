@@ -183,7 +183,7 @@ def _task_source(value: str, option: str) -> tuple[str, str]:
 
 
 def _importance(args: argparse.Namespace) -> int:
-    from .recipe import ImportanceConfig, Recipe, build_merger, load_calibration_data
+    from .recipe import ImportanceConfig, Recipe, build_merger, compute_task_importance
 
     inputs = [(option, value) for option, value in (("--model", args.model), ("--adapter", args.adapter)) if value]
     if len(inputs) != 1:
@@ -214,18 +214,7 @@ def _importance(args: argparse.Namespace) -> int:
     group = "models" if option == "--model" else "adapters"
     recipe = Recipe(base_model=args.base, trust_remote_code=args.trust_remote_code, **{group: {task: source}})
     merger = build_merger(recipe)
-    data = load_calibration_data(config) if config.data is not None else None
-    scores = merger.compute_importance(
-        task,
-        data,
-        metric=config.metric,
-        num_samples=config.num_samples,
-        micro_batch_size=config.micro_batch_size,
-        torch_dtype=config.torch_dtype,
-        text_column=config.text_column,
-        label_column=config.label_column,
-        max_length=config.max_length,
-    )
+    scores = compute_task_importance(merger, task, config)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     merger.save_importance(task, output)

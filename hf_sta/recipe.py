@@ -746,25 +746,30 @@ def _check_importance(merger: Any, task: str, config: ImportanceConfig) -> None:
         logger.info("importance.%s.data: '%s' is taken as a Hub dataset name (not fetched in a dry run).", task, path)
 
 
+def compute_task_importance(merger: Any, task: str, config: ImportanceConfig, *, show_progress: bool = True):
+    """``merger.compute_importance`` for one task as its :class:`ImportanceConfig` says (data loaded here)."""
+    data = load_calibration_data(config) if config.data is not None else None
+    return merger.compute_importance(
+        task,
+        data,
+        metric=config.metric,
+        num_samples=config.num_samples,
+        micro_batch_size=config.micro_batch_size,
+        torch_dtype=config.torch_dtype,
+        text_column=config.text_column,
+        label_column=config.label_column,
+        max_length=config.max_length,
+        show_progress=show_progress,
+    )
+
+
 def prepare_importance(merger: Any, recipe: Recipe, *, show_progress: bool = True) -> None:
     """Load or compute the importance of every task the recipe configures."""
     for task, config in recipe.importance.items():
         if config.path is not None:
             merger.load_importance(task, config.path)
-            continue
-        data = load_calibration_data(config) if config.data is not None else None
-        merger.compute_importance(
-            task,
-            data,
-            metric=config.metric,
-            num_samples=config.num_samples,
-            micro_batch_size=config.micro_batch_size,
-            torch_dtype=config.torch_dtype,
-            text_column=config.text_column,
-            label_column=config.label_column,
-            max_length=config.max_length,
-            show_progress=show_progress,
-        )
+        else:
+            compute_task_importance(merger, task, config, show_progress=show_progress)
 
 
 def _summary(recipe: Recipe, merger: Any) -> dict[str, Any]:
