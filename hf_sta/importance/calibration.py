@@ -61,9 +61,11 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def _fold(accumulator: torch.Tensor, grad: torch.Tensor, statistic: str, step_total: torch.Tensor) -> None:
-    folded = grad.float().abs() if statistic == "abs" else grad.float().square()
+    # In place: the gradient is freed right after this hook, so no temporary is allocated (add_ still accumulates
+    # low-precision gradients in fp32).
+    folded = grad.abs_() if statistic == "abs" else grad.square_()
     accumulator.add_(folded)
-    step_total.add_(folded.sum())
+    step_total.add_(folded.sum(dtype=torch.float32))
 
 
 def accumulate_gradient_statistics(
@@ -185,7 +187,7 @@ def accumulate_gradient_statistics(
     for pid, accumulator in accumulators.items():
         if accelerator.num_processes > 1:
             accumulator = accelerator.reduce(accumulator, reduction="sum")
-        mean = (accumulator / count).cpu()
+        mean = accumulator.div_(count).cpu()
         for name in names_of[pid]:
             result[name] = mean
     return result, count, total_samples
