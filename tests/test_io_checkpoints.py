@@ -173,3 +173,115 @@ def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
         (tmp / "new").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _many_dtypes() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "f32": torch.randn(33, 17, generator=generator),
+        "f64": torch.randn(5, 3, generator=generator, dtype=torch.float64),
+        "f16": torch.randn(9, generator=generator).half(),
+        "bf16": torch.randn(4, 6, generator=generator).to(torch.bfloat16),
+        "f8": torch.randn(10, generator=generator).to(torch.float8_e4m3fn),
+        "i64": torch.arange(-5, 7),
+        "i32": torch.arange(12, dtype=torch.int32).reshape(3, 4),
+        "i16": torch.tensor([-3, 300], dtype=torch.int16),
+        "i8": torch.tensor([-1, 2, 3], dtype=torch.int8),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "bool": torch.tensor([[True, False], [False, True]]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 4),
+    }
+
+
+def _assert_same(loaded: torch.Tensor, expected: torch.Tensor) -> None:
+    assert loaded.dtype == expected.dtype and loaded.shape == expected.shape
+    # bytes, not values: float8 has no equality kernel and NaN != NaN
+    assert torch.equal(loaded.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_reader_equals_safetensors_load_file(tmp_path, sharded):
+    tensors = _many_dtypes()
+    if sharded:
+        names = list(tensors)
+        weight_map = {}
+        for index, part in enumerate((names[:5], names[5:9], names[9:])):
+            file = f"model-{index + 1:05d}-of-00003.safetensors"
+            save_file({k: tensors[k] for k in part}, tmp_path / file)
+            weight_map.update(dict.fromkeys(part, file))
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        save_file(tensors, tmp_path / "model.safetensors")
+    oracle = {}
+    for file in tmp_path.glob("*.safetensors"):
+        oracle.update(load_file(file))
+    reader = CheckpointReader(tmp_path)
+    assert set(reader.keys()) == set(oracle)
+    for key in reversed(list(tensors)):  # another order than the files': shards are reopened
+        loaded = reader.get_tensor(key)
+        assert reader.shape(key) == tuple(oracle[key].shape) and reader.dtype(key) == oracle[key].dtype
+        _assert_same(loaded, oracle[key])
+    # each call returns a tensor of its own
+    first = reader.get_tensor("f32")
+    first.zero_()
+    _assert_same(reader.get_tensor("f32"), oracle["f32"])
+    reader.close()
+    assert reader._open_file is None and reader._open_handle is None
+
+
+def test_reader_reads_into_a_given_buffer(tmp_path):
+    tensors = _many_dtypes()
+    save_file(tensors, tmp_path / "model.safetensors")
+    reader = CheckpointReader(tmp_path)
+    buffer = torch.full((40, 17), -1.0)
+    for key in ("f32", "f32"):  # reused: overwritten each time
+        out = buffer[3 : 3 + 33]
+        assert reader.get_tensor(key, out=out) is out
+        _assert_same(out, tensors[key])
+    assert torch.equal(buffer[:3], torch.full((3, 17), -1.0)) and torch.equal(buffer[36:], torch.full((4, 17), -1.0))
+    half = torch.empty(9, dtype=torch.float16)
+    _assert_same(reader.get_tensor("f16", out=half), tensors["f16"])
+    with pytest.raises(ValueError, match="'f32' .* shape \\[33, 17\\] and dtype torch.float32"):
+        reader.get_tensor("f32", out=torch.empty(33, 17, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not contiguous"):
+        reader.get_tensor("f32", out=torch.empty(17, 33).t())
+    with pytest.raises(ValueError, match="shape"):
+        reader.get_tensor("f32", out=torch.empty(33 * 17))
+    # state dicts and pickled checkpoints take out= as well
+    source = open_checkpoint({"w": tensors["f32"]})
+    out = torch.empty(33, 17)
+    assert source.get_tensor("w", out=out) is out and torch.equal(out, tensors["f32"])
+    torch.save({"w": tensors["bf16"]}, tmp_path / "w.bin")
+    out = torch.empty(4, 6, dtype=torch.bfloat16)
+    assert CheckpointReader(tmp_path / "w.bin").get_tensor("w", out=out) is out
+    _assert_same(out, tensors["bf16"])
+
+
+def test_reader_reports_truncated_file_with_file_and_key(tmp_path):
+    save_file({"a": torch.ones(100), "b": torch.arange(50.0)}, tmp_path / "model.safetensors")
+    reader = CheckpointReader(tmp_path)  # headers are read now, data later
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-40])
+    assert torch.equal(reader.get_tensor("a"), torch.ones(100))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors' is truncated: tensor 'b'"):
+        reader.get_tensor("b")
+
+
+def test_reader_rejects_inconsistent_header(tmp_path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(12))
+    with pytest.raises(CheckpointError, match="'w' in .*model.safetensors' spans 12 bytes.* needs 16"):
+        CheckpointReader(tmp_path)
+
+
+def test_reader_swaps_bytes_on_a_big_endian_host(tmp_path, monkeypatch):
+    from hf_sta.io import checkpoints
+
+    values = torch.tensor([1.0, -2.5, 3.25])
+    save_file({"w": values, "b": torch.tensor([1, 2], dtype=torch.uint8)}, tmp_path / "model.safetensors")
+    monkeypatch.setattr(checkpoints, "_LITTLE_ENDIAN_HOST", False)
+    reader = CheckpointReader(tmp_path)
+    swapped = reader.get_tensor("w")
+    assert torch.equal(swapped.view(torch.uint8).view(3, 4), values.view(torch.uint8).view(3, 4).flip(-1))
+    assert torch.equal(reader.get_tensor("b"), torch.tensor([1, 2], dtype=torch.uint8))

@@ -1,6 +1,8 @@
 """Checkpoint I/O: resolve a folder or Hub repo id, read tensors lazily, stream merged tensors to disk.
 
-No math lives here. Readers hand out one tensor at a time and keep at most one shard open per model; the writer
+No math lives here. Readers hand out one tensor at a time and keep at most one shard open per model; safetensors
+tensors are copied from the file with plain reads at the header's offsets (into a fresh tensor or the caller's
+buffer), never memory-mapped, so that input pages are not counted in the process' resident memory; the writer
 knows every output tensor's name, shape and dtype in advance, writes each safetensors header first and then the tensor
 bytes as they are produced, so a merge never holds more than the tensor it is working on.
 """
@@ -9,17 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
 
 from ..errors import CheckpointError
 
@@ -152,9 +155,48 @@ class TensorSource(Protocol):
 
     def dtype(self, key: str) -> torch.dtype: ...
 
-    def get_tensor(self, key: str) -> torch.Tensor: ...
+    def get_tensor(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def __contains__(self, key: object) -> bool: ...
+
+
+def _check_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, key: str, where: str) -> None:
+    if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(
+            f"out= for tensor '{key}' of '{where}' must be a contiguous CPU tensor of shape {list(shape)} and dtype "
+            f"{dtype}, got {list(out.shape)} {out.dtype} on {out.device}"
+            + ("" if out.is_contiguous() else " (not contiguous)")
+        )
+
+
+def _copy_into(out: torch.Tensor, tensor: torch.Tensor, key: str, where: str) -> torch.Tensor:
+    _check_out(out, tuple(tensor.shape), tensor.dtype, key, where)
+    return out.copy_(tensor)
+
+
+# safetensors stores little-endian bytes; a big-endian host swaps each element after reading.
+_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+
+
+def _read_into(handle, start: int, end: int, out: torch.Tensor, key: str) -> None:
+    """Copy bytes ``[start, end)`` of the open file ``handle`` into the contiguous tensor ``out`` (native order)."""
+    if start == end:
+        return
+    flat_bytes = out.reshape(-1).view(torch.uint8)
+    view = memoryview(flat_bytes.numpy())
+    handle.seek(start)
+    done = 0
+    while done < end - start:  # readinto may return less than asked (signals, reads beyond 2 GiB)
+        count = handle.readinto(view[done:])
+        if not count:
+            raise CheckpointError(
+                f"'{handle.name}' is truncated: tensor '{key}' needs bytes {start}..{end} but the file ends at "
+                f"{start + done}."
+            )
+        done += count
+    if not _LITTLE_ENDIAN_HOST and out.element_size() > 1:
+        elements = flat_bytes.view(-1, out.element_size())
+        elements.copy_(elements.flip(-1))
 
 
 class StateDictSource:
@@ -178,8 +220,9 @@ class StateDictSource:
     def dtype(self, key: str) -> torch.dtype:
         return self._tensors[key].dtype
 
-    def get_tensor(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
+    def get_tensor(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        tensor = self._tensors[key]
+        return tensor if out is None else _copy_into(out, tensor, key, self.name)
 
     def close(self) -> None:
         pass
@@ -191,6 +234,8 @@ class CheckpointReader:
     Supports ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, a folder holding a single
     other ``*.safetensors`` file, and pickled ``pytorch_model.bin`` checkpoints through ``torch.load(weights_only=True)``
     only. Tensor names, shapes and dtypes come from the headers without reading data; at most one shard is open.
+    Safetensors tensors are read with buffered reads at the header's offsets, not memory-mapped: each call returns
+    a tensor of its own (or fills ``out=``), and the file's pages never count in this process' resident memory.
     """
 
     def __init__(self, path: str | os.PathLike, name: str | None = None) -> None:
@@ -202,6 +247,7 @@ class CheckpointReader:
         self.config = self._read_config()
         self._key_to_file: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._spans: dict[str, tuple[int, int]] = {}  # a safetensors tensor's byte range in its file
         self._open_file: Path | None = None
         self._open_handle = None
         self._pickled: bool = False
@@ -271,8 +317,16 @@ class CheckpointReader:
                     continue
                 if info["dtype"] not in _SAFETENSORS_DTYPES:
                     raise CheckpointError(f"Tensor '{key}' in '{file}' has unsupported dtype {info['dtype']}.")
+                shape, dtype = tuple(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]]
+                begin, end = info["data_offsets"]
+                if end - begin != math.prod(shape) * dtype.itemsize:
+                    raise CheckpointError(
+                        f"Tensor '{key}' in '{file}' spans {end - begin} bytes, but shape {list(shape)} of "
+                        f"{info['dtype']} needs {math.prod(shape) * dtype.itemsize}."
+                    )
                 self._key_to_file[key] = file
-                self._meta[key] = (tuple(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]])
+                self._meta[key] = (shape, dtype)
+                self._spans[key] = (8 + header_len + begin, 8 + header_len + end)
 
     def _load_pickled(self, file: Path) -> dict[str, torch.Tensor]:
         try:
@@ -301,19 +355,35 @@ class CheckpointReader:
     def files(self) -> list[Path]:
         return sorted(set(self._key_to_file.values()))
 
-    def get_tensor(self, key: str) -> torch.Tensor:
+    def get_tensor(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``key``, read now. With ``out`` (a contiguous CPU tensor of its shape and dtype) the bytes are
+        read into ``out``, which is returned; otherwise into a new tensor. Opening another shard closes the open one.
+        """
         if key not in self._key_to_file:
             raise CheckpointError(f"Tensor '{key}' is not in checkpoint '{self.path}'.")
         file = self._key_to_file[key]
         if file != self._open_file:
             self.close()
-            self._open_handle = self._load_pickled(file) if self._pickled else safe_open(file, framework="pt")
+            if self._pickled:
+                self._open_handle = self._load_pickled(file)
+            else:  # unbuffered: reads go straight into the tensors; closed by close() (or when collected)
+                self._open_handle = open(file, "rb", buffering=0)  # noqa: SIM115
             self._open_file = file
         if self._pickled:
-            return self._open_handle[key]
-        return self._open_handle.get_tensor(key)
+            tensor = self._open_handle[key]
+            return tensor if out is None else _copy_into(out, tensor, key, str(file))
+        shape, dtype = self._meta[key]
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        else:
+            _check_out(out, shape, dtype, key, str(file))
+        start, end = self._spans[key]
+        _read_into(self._open_handle, start, end, out, key)
+        return out
 
     def close(self) -> None:
+        if self._open_handle is not None and not self._pickled:
+            self._open_handle.close()
         self._open_handle = None
         self._open_file = None
 
