@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -455,11 +456,14 @@ class STAMerger:
             plan.append(TensorPlan(key, self.base.shape(key), out))
         return plan
 
-    def _tau(self, vector: TaskVector, key: str, theta_0: torch.Tensor) -> torch.Tensor:
-        """``tau[key]``, reusing the merger's base tensor only when it is the vector's own base (a task vector built
-        against another model, e.g. passed to ``from_task_vectors(merged, ...)``, must read its own)."""
+    def _tau(
+        self, vector: TaskVector, key: str, theta_0: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``tau[key]`` (into ``out`` when given), reusing the merger's base tensor only when it is the vector's own
+        base (a task vector built against another model, e.g. passed to ``from_task_vectors(merged, ...)``, must read
+        its own)."""
         own_base = getattr(vector, "base", None)
-        return vector.get(key, theta_0 if own_base is None or own_base is self.base else None)
+        return vector.get(key, theta_0 if own_base is None or own_base is self.base else None, out=out)
 
     def _importance_for(self, tasks: list[str], method: str) -> list[ImportanceScores]:
         missing = [t for t in tasks if t not in self.importance]
@@ -503,22 +507,29 @@ class STAMerger:
             global_threshold = self._global_thresholds(vectors, scores, params)
             if global_threshold is not None:
                 params["global_threshold"] = global_threshold
+        # One stacking buffer for all tensors, sized for the largest: the task vectors are read straight into its rows
+        # (no per-task copy, no fresh pages to fault in for every tensor).
+        largest = max((math.prod(item.shape) for item in plan if any(item.name in v for v in vectors)), default=0)
+        buffer = torch.empty(len(vectors) * largest, dtype=torch.float32)
         for item in plan:
             key = item.name
             theta_0 = self.base.get_tensor(key)
             if not any(key in v for v in vectors):
                 yield item, theta_0, None
                 continue
-            stacked = torch.zeros((len(vectors), *item.shape), dtype=torch.float32)
+            stacked = buffer[: len(vectors) * math.prod(item.shape)].view(len(vectors), *item.shape)
             for index, vector in enumerate(vectors):
                 if key in vector:
-                    stacked[index] = self._tau(vector, key, theta_0)
+                    self._tau(vector, key, theta_0, out=stacked[index])
+                else:
+                    stacked[index].zero_()
             if scores is not None:
                 params["importance"] = self._stacked_importance(scores, key, item.shape)
                 params["stats"] = {}
             generator = torch.Generator().manual_seed(_tensor_seed(config.seed, key)) if spec.stochastic else None
             delta = spec.function(stacked, weights, generator=generator, **params)
-            del stacked
+            if delta.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+                delta = delta.clone()  # a kernel returning (a view of) its input: the buffer is refilled next tensor
             if "kept_fraction" in params.get("stats", {}):
                 self.last_kept_fraction[key] = dict(zip(tasks, params["stats"]["kept_fraction"].tolist()))
             yield item, theta_0, delta.mul_(config.scaling)

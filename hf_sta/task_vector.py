@@ -168,6 +168,13 @@ def _check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
     return tensor
 
 
+def _read_float32(source: TensorSource, key: str, out: torch.Tensor) -> torch.Tensor:
+    """``source[key]`` converted to fp32 into ``out``: read in place when stored as fp32, else read and cast."""
+    if source.dtype(key) == torch.float32:
+        return source.get_tensor(key, out=out)
+    return out.copy_(source.get_tensor(key))
+
+
 class TaskVector:
     """A lazy mapping ``name -> tau[name]`` (fp32), in the base model's tensor names.
 
@@ -177,7 +184,7 @@ class TaskVector:
 
     name: str = "task"
 
-    # -- mapping API (subclasses implement keys/shape/_delta) ---------------------------------------------------------
+    # -- mapping API (subclasses implement keys/shape/_delta, and _delta_into when they can fill a buffer) -----------
     def keys(self) -> list[str]:
         raise NotImplementedError
 
@@ -186,6 +193,9 @@ class TaskVector:
 
     def _delta(self, key: str, base_tensor: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def _delta_into(self, key: str, base_tensor: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self._delta(key, base_tensor))
 
     def __contains__(self, key: object) -> bool:
         return key in set(self.keys())
@@ -199,11 +209,25 @@ class TaskVector:
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.get(key)
 
-    def get(self, key: str, base_tensor: torch.Tensor | None = None) -> torch.Tensor:
-        """``tau[key]`` in fp32. ``base_tensor`` (``theta_0[key]``), when the caller has read it already, is reused."""
+    def get(
+        self, key: str, base_tensor: torch.Tensor | None = None, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``tau[key]`` in fp32. ``base_tensor`` (``theta_0[key]``), when the caller has read it already, is reused.
+
+        ``out``: a contiguous fp32 CPU tensor of ``shape(key)`` that receives the delta and is returned (a merge
+        stacks the task vectors into one buffer it reuses); fine-tuned fp32 weights are read straight into it.
+        """
         if key not in self:
             raise KeyError(f"Task vector '{self.name}' has no tensor '{key}'.")
-        return self._delta(key, base_tensor)
+        if out is None:
+            return self._delta(key, base_tensor)
+        shape = tuple(self.shape(key))
+        if tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous() or out.is_cuda:
+            raise ValueError(
+                f"out= for '{key}' of task vector '{self.name}' must be a contiguous fp32 CPU tensor of shape "
+                f"{list(shape)}, got {list(out.shape)} {out.dtype} on {out.device}"
+            )
+        return self._delta_into(key, base_tensor, out)
 
     # -- arithmetic ----------------------------------------------------------------------------------------------------
     def __add__(self, other: TaskVector | int) -> TaskVector:
@@ -334,12 +358,15 @@ class CheckpointTaskVector(TaskVector):
         return {key: self.finetuned.get_tensor(key) for key in self.alignment.heads}
 
     def _delta(self, key: str, base_tensor: torch.Tensor | None) -> torch.Tensor:
+        return self._delta_into(key, base_tensor, torch.empty(self.shape(key), dtype=torch.float32))
+
+    def _delta_into(self, key: str, base_tensor: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         ft_key = self.alignment.pairs[key]
-        theta = self.finetuned.get_tensor(ft_key)
+        _read_float32(self.finetuned, ft_key, out)
         theta_0 = self.base.get_tensor(key) if base_tensor is None else base_tensor
+        out.sub_(theta_0)  # computed in fp32 whatever theta_0's dtype: theta.float() - theta_0.float()
         # A NaN/inf in either model shows in the delta: one check covers both.
-        delta = theta.float() - theta_0.float()
-        return _check_finite(delta, f"Tensor '{ft_key}' of '{self.finetuned.name}' (task vector '{self.name}')")
+        return _check_finite(out, f"Tensor '{ft_key}' of '{self.finetuned.name}' (task vector '{self.name}')")
 
     @property
     def model_hash(self) -> str:
@@ -380,7 +407,10 @@ class StoredTaskVector(TaskVector):
         return self.metadata.get("model_hash") or fingerprint(self.source)
 
     def _delta(self, key: str, base_tensor: torch.Tensor | None) -> torch.Tensor:
-        return _check_finite(self.source.get_tensor(key).float(), f"Task vector '{self.name}' at '{key}'")
+        return self._delta_into(key, base_tensor, torch.empty(self.shape(key), dtype=torch.float32))
+
+    def _delta_into(self, key: str, base_tensor: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        return _check_finite(_read_float32(self.source, key, out), f"Task vector '{self.name}' at '{key}'")
 
 
 class LinearTaskVector(TaskVector):
@@ -420,11 +450,14 @@ class LinearTaskVector(TaskVector):
         return self._shapes[key]
 
     def _delta(self, key: str, base_tensor: torch.Tensor | None) -> torch.Tensor:
-        total = torch.zeros(self._shapes[key], dtype=torch.float32)
+        return self._delta_into(key, base_tensor, torch.empty(self._shapes[key], dtype=torch.float32))
+
+    def _delta_into(self, key: str, base_tensor: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        out.zero_()
         for coefficient, vector in self.terms:
             if key in vector:
-                total.add_(vector.get(key, base_tensor), alpha=coefficient)
-        return total
+                out.add_(vector.get(key, base_tensor), alpha=coefficient)
+        return out
 
 
 __all__ = [

@@ -33,7 +33,9 @@ def test_nothing_is_read_until_asked(bert_checkpoints, monkeypatch):
 
     calls = []
     original = CheckpointReader.get_tensor
-    monkeypatch.setattr(CheckpointReader, "get_tensor", lambda self, key: calls.append(key) or original(self, key))
+    monkeypatch.setattr(
+        CheckpointReader, "get_tensor", lambda self, key, out=None: calls.append(key) or original(self, key, out)
+    )
     vector = TaskVector.from_pretrained(bert_checkpoints.base, bert_checkpoints.finetuned["news"])
     assert calls == []
     vector["pooler.dense.weight"]
@@ -138,3 +140,38 @@ def test_save_and_load_roundtrip(tmp_path, bert_checkpoints):
     with safe_open(path, framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["hf_sta_kind"] == "task_vector" and metadata["task"] == "news" and metadata["samples"] == "600"
+
+
+@pytest.mark.parametrize("finetuned_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_get_into_a_reused_buffer(tmp_path, finetuned_dtype):
+    generator = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(6, 5, generator=generator), "b": torch.randn(7, generator=generator).to(torch.bfloat16)}
+    finetuned = {
+        k: (v.float() + torch.randn(v.shape, generator=generator)).to(finetuned_dtype) for k, v in base.items()
+    }
+    for name, state in (("base", base), ("ft", finetuned)):
+        (tmp_path / name).mkdir()
+        save_file(state, tmp_path / name / "model.safetensors")
+    vector = TaskVector.from_pretrained(tmp_path / "base", tmp_path / "ft", name="ft")
+    combined = vector + 0.5 * vector
+    stored = TaskVector.load(vector.save(tmp_path / "ft.safetensors"))
+    buffer = torch.full((2, 30), float("nan"))
+    for key in ("a", "b", "a"):
+        expected = finetuned[key].float() - base[key].float()  # oracle: plain tensors
+        out = buffer[1, : expected.numel()].view(expected.shape)
+        for candidate, factor in ((vector, 1.0), (stored, 1.0), (combined, 1.5)):
+            assert candidate.get(key, out=out) is out
+            torch.testing.assert_close(out, factor * expected, rtol=0, atol=0)
+            torch.testing.assert_close(candidate[key], factor * expected, rtol=0, atol=0)
+        assert vector.get(key, base[key], out=out) is out and torch.equal(out, expected)
+    assert buffer[0].isnan().all()  # only the given rows are written
+    with pytest.raises(ValueError, match="out= for 'a' of task vector 'ft' must be .* shape \\[6, 5\\]"):
+        vector.get("a", out=torch.empty(30))
+    with pytest.raises(ValueError, match="fp32"):
+        vector.get("a", out=torch.empty(6, 5, dtype=torch.float64))
+
+
+def test_nan_is_reported_when_read_into_a_buffer():
+    vector = TaskVector.from_pretrained({"w": torch.zeros(3)}, {"w": torch.tensor([0.0, float("inf"), 1.0])}, name="t")
+    with pytest.raises(CheckpointError, match="'w'.*1 NaN/inf"):
+        vector.get("w", out=torch.empty(3))
