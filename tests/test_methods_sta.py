@@ -51,7 +51,7 @@ def test_default_selection_is_density_default():
     assert int(masks[0].sum()) == int(DEFAULT_DENSITY * importance[0].numel())
 
 
-@pytest.mark.parametrize("overlap", ["sum", "mean", "max_importance"])
+@pytest.mark.parametrize("overlap", ["sum", "mean", "max_importance", "elect"])
 def test_overlap_modes(overlap):
     tau, importance = _inputs()
     weights = torch.tensor([1.0, 0.5, 2.0])
@@ -62,6 +62,12 @@ def test_overlap_modes(overlap):
         expected = sum(weighted)
     elif overlap == "mean":
         expected = sum(weighted) / masks.sum(0).clamp(min=1)
+    elif overlap == "elect":  # PEFT's TIES sign election and disjoint mean over the selected entries
+        from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge
+
+        stacked = torch.stack(weighted)
+        expected = disjoint_merge(stacked, calculate_majority_sign_mask(stacked, "total"))
+        assert not torch.allclose(expected, sum(weighted) / masks.sum(0).clamp(min=1))  # election matters here
     else:  # brute force, entry by entry
         expected = torch.zeros_like(tau[0])
         normalized = torch.stack([importance[t] / importance[t].max() for t in range(3)])

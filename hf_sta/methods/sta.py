@@ -8,6 +8,9 @@ Per tensor, for task ``t`` with importance ``I_t`` (see ``hf_sta.importance``)::
     merge:  delta = sum_t w_t m_t tau_t                                          (overlap="sum", the paper's)
                     sum_t w_t m_t tau_t / max(1, sum_t m_t)                      (overlap="mean")
                     w_t* tau_t*,  t* = argmax_t m_t I_hat_t                      (overlap="max_importance")
+                    sum_t a_t w_t m_t tau_t / max(1, sum_t a_t)                  (overlap="elect")
+                      with gamma = sign(sum_t w_t m_t tau_t) (+1 where 0) and a_t = [gamma * w_t m_t tau_t > 0]:
+                      TIES' sign election and disjoint mean over the importance-selected entries
     forget: theta' = theta - scaling * m_f tau_f
 
 and ``theta = theta_0 + scaling * delta`` is applied by the caller. ``threshold`` and ``density`` are alternatives:
@@ -25,7 +28,7 @@ from .registry import Parameter, register_merge_method
 from .selection import density_to_k, topk_mask
 
 NORMALIZATIONS = ("max", "mean", "none")
-OVERLAPS = ("sum", "mean", "max_importance")
+OVERLAPS = ("sum", "mean", "max_importance", "elect")
 DENSITY_SCOPES = ("tensor", "global")
 DEFAULT_DENSITY = 0.2
 
@@ -150,6 +153,10 @@ def sta(
         return weighted.sum(dim=0)
     if overlap == "mean":
         return weighted.sum(dim=0) / masks.sum(dim=0).clamp(min=1)
+    if overlap == "elect":
+        elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
+        agree = (weighted * elected) > 0
+        return (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
     # max_importance: each entry goes to the selecting task with the largest normalised importance.
     winner = torch.where(masks, scores, torch.full_like(scores, -1.0)).argmax(dim=0, keepdim=True)
     return weighted.gather(0, winner).squeeze(0)
