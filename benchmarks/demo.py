@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     print(f"[1/4] fine-tuning (or loading cached) MiniLM models for {', '.join(tasks)}", flush=True)
-    suite = TaskSuite(tasks).prepare()
+    suite = TaskSuite(tasks, show_progress=True).prepare()
     individual = suite.individual("test")
     merger = suite.merger()
 

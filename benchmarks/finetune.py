@@ -135,6 +135,7 @@ def finetune(
     train_size: int = 600,
     cache_dir: str | os.PathLike | None = None,
     num_threads: int | None = None,
+    show_progress: bool = True,
 ) -> Path:
     """Fully fine-tune MiniLM on ``task`` and return the cached model folder (trains only if it is not cached).
 
@@ -142,6 +143,7 @@ def finetune(
     ``hf_sta_finetune.json`` (hyperparameters, training time, validation and test accuracy). It is written to a
     temporary folder beside it and renamed into place, so a folder that exists is complete.
     """
+    from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
     names = label_names(task)
@@ -193,6 +195,7 @@ def finetune(
         )
         start = time.perf_counter()
         model.train()
+        progress = tqdm(total=total_steps, desc=f"fine-tuning {task}", unit="step", disable=not show_progress)
         for epoch in range(epochs):
             order = torch.randperm(len(train_texts), generator=generator).tolist()
             running_loss = 0.0
@@ -212,6 +215,7 @@ def finetune(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 running_loss += loss.item()
+                progress.update(1)
             logger.info(
                 "%s epoch %d/%d: mean train loss %.4f (%.0f s)",
                 task,
@@ -220,6 +224,7 @@ def finetune(
                 running_loss / steps_per_epoch,
                 time.perf_counter() - start,
             )
+        progress.close()
         train_seconds = time.perf_counter() - start
 
         validation_accuracy = evaluate_accuracy(model, splits["validation"], tokenizer, max_length=max_length)

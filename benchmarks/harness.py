@@ -3,7 +3,9 @@
 A merged model is a body (``BertModel``) shared by all tasks; each task keeps its own ``classifier`` head (hf_sta saves
 it under ``heads/<task>.safetensors``). ``TaskSuite.evaluate(body)`` tokenizes every split once and scores the body
 with each task's head: ``logits = classifier(pooler_output(body(text)))``, the computation of
-``BertForSequenceClassification`` in eval mode.
+``BertForSequenceClassification`` in eval mode. Scoring runs under CPU bf16 autocast by default (``bf16=True``): about
+2x faster than fp32 on this machine's AVX512-BF16 cores; every row of a table, the individual models' included, is
+scored the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class TaskSuite:
     train_size: int = 600
     epochs: int = 2
     batch_size: int = 64
+    bf16: bool = True
+    show_progress: bool = False
     model_dirs: dict[str, Path] = field(default_factory=dict)
     heads: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     data: dict[str, object] = field(default_factory=dict)
@@ -49,7 +53,9 @@ class TaskSuite:
 
         for task in self.tasks:
             started = time.perf_counter()
-            self.model_dirs[task] = finetune(task, seed=self.seed, train_size=self.train_size, epochs=self.epochs)
+            self.model_dirs[task] = finetune(
+                task, seed=self.seed, train_size=self.train_size, epochs=self.epochs, show_progress=self.show_progress
+            )
             state = load_file(self.model_dirs[task] / "model.safetensors")
             self.heads[task] = (state["classifier.weight"], state["classifier.bias"])
             self.data[task] = load_task(task, train_size=self.train_size)
@@ -87,9 +93,10 @@ class TaskSuite:
         body.eval()
         correct = 0
         data = self._split(task, split)
-        for inputs, labels in data.batches:
-            pooled = body(**inputs).pooler_output
-            correct += int(((pooled @ weight.T + bias).argmax(-1) == labels).sum())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            for inputs, labels in data.batches:
+                pooled = body(**inputs).pooler_output.float()
+                correct += int(((pooled @ weight.T + bias).argmax(-1) == labels).sum())
         return correct / data.size
 
     def evaluate(self, body: torch.nn.Module, split: str = "test", tasks: Sequence[str] | None = None) -> dict:
@@ -127,7 +134,7 @@ class TaskSuite:
             merger.load_importance(task, path)
             return
         data = None if metric == "magnitude" else self.calibration(task, num_samples)
-        merger.compute_importance(task, data, metric=metric, num_samples=num_samples, show_progress=False)
+        merger.compute_importance(task, data, metric=metric, num_samples=num_samples, show_progress=self.show_progress)
         merger.save_importance(task, path)
 
     def chance(self, task: str) -> float:
