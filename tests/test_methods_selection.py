@@ -10,6 +10,7 @@ from hf_sta.methods.selection import (
     density_to_k,
     kth_largest_threshold,
     magnitude_trim,
+    signed_trim_,
     topk_cutoff,
     topk_mask,
     topk_mask_per_row,
@@ -19,10 +20,10 @@ from hf_sta.methods.selection import (
 @pytest.fixture(params=["kthvalue", "sampled"])
 def path(request, monkeypatch):
     """Run a test on both threshold paths: plain kthvalue, and the sampled bracket (forced on small tensors)."""
+    monkeypatch.setattr(selection, "_TIE_BLOCK", 8)  # exercise the bisection of the kthvalue path's tie search
     if request.param == "sampled":
         monkeypatch.setattr(selection, "_SAMPLING_MIN_NUMEL", 0)
         monkeypatch.setattr(selection, "_SAMPLE_SIZE", 256)
-        monkeypatch.setattr(selection, "_TIE_BLOCK", 8)  # exercise the bisection of the tie search
     return request.param
 
 
@@ -151,6 +152,19 @@ def test_cutoff_and_magnitude_trim_match_mask(path, dtype):
         assert torch.equal(magnitude_trim(values, cutoff), expected)
         out = torch.full_like(values, 9.0)
         assert magnitude_trim(values, cutoff, out=out) is out and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_signed_trim_is_relu_of_signed_magnitude_trim(path, dtype):
+    generator = torch.Generator().manual_seed(7)
+    values = torch.randint(-5, 6, (3000,), generator=generator).to(dtype)
+    sign = torch.randint(0, 2, (3000,), generator=generator).to(dtype) * 2 - 1
+    for k in (1, 500, 1234, 2999):
+        cutoff = topk_cutoff(values.abs(), k)
+        expected = (sign * magnitude_trim(values, cutoff)).clamp(min=0)
+        signed = sign * values
+        assert signed_trim_(signed, cutoff) is signed and torch.equal(signed, expected)
+        assert (signed >= 0).all()
 
 
 def test_magnitude_trim_keeps_threshold_itself():

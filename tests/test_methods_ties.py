@@ -100,7 +100,9 @@ def test_bad_majority_sign_method():
     with pytest.raises(ValueError, match="majority_sign_method must be one of"):
         ties(torch.randn(2, 5), torch.ones(2), majority_sign_method="sum")
     with pytest.raises(ValueError, match="majority_sign_method must be one of"):
-        sign_elected_disjoint_mean(lambda task: torch.ones(3), torch.ones(2), "mean")
+        sign_elected_disjoint_mean(
+            lambda task, out: out, lambda task, sign, out: out, torch.ones(2), torch.ones(3), "mean"
+        )
 
 
 def test_many_tasks_count_dtype():

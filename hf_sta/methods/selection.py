@@ -7,8 +7,9 @@ int64 indices. Here the mask is built from a threshold instead:
 
 1. ``kth_largest_threshold`` finds the ``k``-th largest value ``t`` exactly. For large tensors it estimates the
    cut-off from a fixed pseudo-random sample, counts the entries above a narrow bracket around it and runs
-   ``torch.kthvalue`` only on the (small) bracket; it falls back to ``torch.kthvalue`` on the whole tensor when
-   the bracket misses (rare, or with massive ties).
+   ``torch.kthvalue`` only on the (small) bracket, whose flat positions it keeps, so that entries tied at the
+   cut-off are located without another pass; it falls back to ``torch.kthvalue`` on the whole tensor when the
+   bracket misses (rare, or with massive ties).
 2. ``topk_mask`` keeps every entry ``> t`` and, among the entries ``== t``, the ones with the lowest flat
    (row-major) index until exactly ``k`` are kept.
 
@@ -42,6 +43,7 @@ __all__ = [
     "density_to_k",
     "kth_largest_threshold",
     "magnitude_trim",
+    "signed_trim_",
     "topk_cutoff",
     "topk_mask",
     "topk_mask_per_row",
@@ -98,16 +100,15 @@ def _kthvalue_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(flat, flat.numel() - k + 1).values
 
 
-def _sampled_bracket_cutoff(
-    flat: torch.Tensor, k: int, workspace: torch.Tensor
-) -> tuple[torch.Tensor, int, int] | None:
-    """``(t, #(x > t), #(x == t))`` for the exact ``k``-th largest ``t``, found in a sampled bracket; ``None`` on a miss.
+def _sampled_bracket_cutoff(flat: torch.Tensor, k: int, workspace: torch.Tensor) -> TopkCutoff | None:
+    """The cut-off of the ``k`` largest entries of 1-D ``flat``, found in a sampled bracket; ``None`` on a miss.
 
     With ``q = k / n``, the sample's order statistics at ranks ``q*s -/+ m`` (``m`` a few standard deviations of
-    the rank estimate) give ``hi >= t >= lo`` with high probability. Then ``c_hi = #(x > hi)`` and
-    ``c_lo = #(x >= lo)``; if ``c_hi < k <= c_lo``, ``t`` is the ``(k - c_hi)``-th largest entry of the bracket
-    ``B = {x : lo <= x <= hi}``, which is small, and ``#(x > t) = c_hi + #(B > t)``, ``#(x == t) = #(B == t)``.
-    Costs a handful of elementwise passes over ``flat`` and no sort of it; the two masks live in ``workspace``.
+    the rank estimate) give ``hi >= t >= lo`` with high probability. Then ``c_hi = #(x > hi)``; if
+    ``c_hi < k <= c_hi + |B|`` for the bracket ``B = {x : lo <= x <= hi}``, which is small, ``t`` is the
+    ``(k - c_hi)``-th largest entry of ``B``, ``#(x > t) = c_hi + #(B > t)``, and the entries tied at ``t`` all lie
+    in ``B``, whose flat positions are known: the tie split costs no pass over ``flat``. Costs two comparisons, a
+    count and a ``nonzero`` over ``flat`` and no sort of it; the two masks live in ``workspace``.
     """
     n = flat.numel()
     generator = torch.Generator(device=flat.device).manual_seed(_SAMPLE_SEED)
@@ -124,26 +125,31 @@ def _sampled_bracket_cutoff(
     if hi_rank < 0 and lo_rank >= s:  # the bracket would be the whole tensor
         return None
 
-    in_bracket = None
     count_above_bracket = 0
-    if lo_rank < s:
-        in_bracket = torch.ge(flat, _kthvalue_largest(sample, lo_rank + 1), out=workspace[:n])
+    above_hi = None
     if hi_rank >= 0:
         # Count `> hi` (not `n - #(<= hi)`), so that NaNs, which compare False, are never counted as selected.
-        above_hi = torch.gt(flat, _kthvalue_largest(sample, hi_rank + 1), out=workspace[n : 2 * n])
+        hi = _kthvalue_largest(sample, hi_rank + 1)
+        above_hi = torch.gt(flat, hi, out=workspace[n : 2 * n])
         count_above_bracket = int(torch.count_nonzero(above_hi))
         if count_above_bracket >= k:  # hi below the cut-off
             return None
-        at_most_hi = above_hi.logical_not_()
-        in_bracket = at_most_hi if in_bracket is None else in_bracket.logical_and_(at_most_hi)
-    bracket = flat[in_bracket]
+    if lo_rank < s:
+        in_bracket = torch.ge(flat, _kthvalue_largest(sample, lo_rank + 1), out=workspace[:n])
+        if above_hi is not None:  # x > hi implies x >= lo: [x >= lo] - [x > hi] is [lo <= x <= hi], bytewise
+            in_bracket.view(torch.uint8).sub_(above_hi.view(torch.uint8))
+    else:
+        in_bracket = torch.le(flat, hi, out=workspace[:n])
+    positions = torch.nonzero(in_bracket).view(-1)  # ascending flat indices
+    bracket = torch.index_select(flat, 0, positions)
     rank_in_bracket = k - count_above_bracket
     if rank_in_bracket > bracket.numel():  # lo above the cut-off
         return None
     threshold = _kthvalue_largest(bracket, rank_in_bracket)
     count_above = count_above_bracket + int(torch.count_nonzero(bracket > threshold))
-    count_equal = int(torch.count_nonzero(bracket == threshold))
-    return threshold, count_above, count_equal
+    tied = positions[bracket == threshold]
+    split = n if count_above + tied.numel() == k else int(tied[k - count_above - 1]) + 1
+    return TopkCutoff(threshold=threshold, split=split, k=k)
 
 
 @dataclass(frozen=True)
@@ -208,12 +214,11 @@ def topk_cutoff(scores: torch.Tensor, k: int, *, workspace: torch.Tensor | None 
         )
     workspace = workspace.view(-1)
     found = _sampled_bracket_cutoff(flat, k, workspace) if numel >= _SAMPLING_MIN_NUMEL else None
-    if found is None:
-        threshold = _kthvalue_largest(flat, k)
-        count_above = int(torch.count_nonzero(torch.gt(flat, threshold, out=workspace[:numel])))
-        count_equal = int(torch.count_nonzero(torch.eq(flat, threshold, out=workspace[:numel])))
-    else:
-        threshold, count_above, count_equal = found
+    if found is not None:
+        return found
+    threshold = _kthvalue_largest(flat, k)
+    count_above = int(torch.count_nonzero(torch.gt(flat, threshold, out=workspace[:numel])))
+    count_equal = int(torch.count_nonzero(torch.eq(flat, threshold, out=workspace[:numel])))
     if count_above + count_equal < k:
         raise ValueError(
             f"cannot select the top {k} scores: only {count_above + count_equal} compare as ordered (NaN scores?)"
@@ -304,6 +309,31 @@ def magnitude_trim(values: torch.Tensor, cutoff: TopkCutoff, *, out: torch.Tenso
     if split < flat_values.numel():
         torch.ops.aten.hardshrink.out(flat_values[split:], threshold.item(), out=flat_out[split:])
     return out
+
+
+def signed_trim_(signed: torch.Tensor, cutoff: TopkCutoff) -> torch.Tensor:
+    """In place: ``v_i`` where ``v_i >= t`` (flat ``i < cutoff.split``) or ``v_i > t`` (``i >= split``), else ``0``.
+
+    For ``v = gamma * tau`` (``gamma`` in ``{-1, +1}`` per entry) and ``cutoff = topk_cutoff(|tau|, k)``, this is
+    ``relu(gamma * magnitude_trim(tau, cutoff))``: the magnitudes of the kept entries of ``tau`` whose sign is
+    ``gamma``, zero elsewhere (entries kept at a threshold of 0 are zeros either way). One pass of
+    ``torch.threshold`` (``x if x > l else 0``, with ``l`` as in ``magnitude_trim``), no mask.
+
+    Args:
+        signed: contiguous floating tensor, overwritten.
+        cutoff: ``topk_cutoff`` of the magnitudes (any shape with the same flat order), threshold ``>= 0``.
+
+    Returns:
+        ``signed``.
+    """
+    flat = signed.view(-1)
+    threshold = cutoff.threshold.to(signed.dtype)
+    below = torch.nextafter(threshold, torch.full_like(threshold, -math.inf))
+    split = cutoff.split
+    torch.threshold_(flat[:split], below.item(), 0.0)
+    if split < flat.numel():
+        torch.threshold_(flat[split:], threshold.item(), 0.0)
+    return signed
 
 
 def topk_mask_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:

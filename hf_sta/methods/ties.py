@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import torch
 
-from .magnitude_prune import DENSITY, magnitude_trim_
+from .magnitude_prune import DENSITY
 from .registry import Parameter, check_kernel_inputs, register_merge_method
-from .selection import TopkCutoff, density_to_k
+from .selection import TopkCutoff, density_to_k, magnitude_trim, signed_trim_, topk_cutoff
 
 MAJORITY_SIGN_METHOD = Parameter(
     "majority_sign_method",
@@ -21,8 +21,10 @@ MAJORITY_SIGN_METHOD = Parameter(
 
 
 def sign_elected_disjoint_mean(
-    trimmed_task: Callable[[int], torch.Tensor],
+    trimmed_task: Callable[[int, torch.Tensor], torch.Tensor],
+    agreeing_task: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
     weights: torch.Tensor,
+    scratch: torch.Tensor,
     majority_sign_method: str = "total",
     *,
     mask_buffer: torch.Tensor | None = None,
@@ -38,14 +40,16 @@ def sign_elected_disjoint_mean(
 
     The weights are applied after the election, which uses the unweighted ``x_t``, as in PEFT. Computed as
     ``gamma * sum_t w_t relu(gamma x_t) / max(1, sum_t [gamma x_t > 0])``, which is bit-identical (the factor
-    ``gamma`` is exact). Allocates the result, the election scores (reused for ``gamma``), a uint8 count and, unless
-    given, one ``[N]`` bool buffer.
+    ``gamma`` is exact; a weight of 1 is not multiplied). ``gamma = copysign(1, s)`` in one pass: ``s`` is ``-0``
+    only where every ``x_t`` is zero, where no task agrees and ``gamma`` does not matter. Allocates the result, the
+    election scores (reused for ``gamma``), a uint8 count and, unless given, one ``[N]`` bool buffer.
 
     Args:
-        trimmed_task: ``trimmed_task(t)`` returns ``x_t`` as a contiguous ``[N]`` tensor. It is called twice per
-            task (election, then merge) and must return the same values each time; the second time the returned
-            tensor is overwritten, so it may be a shared scratch buffer or storage the caller no longer needs.
+        trimmed_task: ``trimmed_task(t, out)`` writes ``x_t`` into the ``[N]`` tensor ``out`` and returns it.
+        agreeing_task: ``agreeing_task(t, gamma, out)`` writes ``relu(gamma * x_t)`` (``|x_t|`` where
+            ``sign(x_t) == gamma``, else 0) into ``out`` and returns it; kernels fuse it with their trim.
         weights: ``[T]`` per-task weights, on the device and dtype of the task tensors.
+        scratch: ``[N]`` buffer of the task dtype (overwritten); gives the size, dtype and device.
         majority_sign_method: ``"total"`` or ``"frequency"``.
         mask_buffer: optional reusable bool tensor of ``N`` entries (overwritten).
 
@@ -55,38 +59,38 @@ def sign_elected_disjoint_mean(
     if majority_sign_method not in MAJORITY_SIGN_METHOD.choices:
         raise ValueError(f"majority_sign_method must be one of 'total', 'frequency', got {majority_sign_method!r}")
     num_tasks = weights.shape[0]
-    first = trimmed_task(0)
-    numel, dtype, device = first.numel(), first.dtype, first.device
+    numel, device = scratch.numel(), scratch.device
     # Few, reused buffers: on CPU the first touch of fresh memory costs more than an elementwise pass.
-    merged = torch.empty(numel, dtype=dtype, device=device)
+    election = torch.empty_like(scratch)
     if mask_buffer is None:
         mask_buffer = torch.empty(numel, dtype=torch.bool, device=device)
 
-    if majority_sign_method == "total":
-        election = first.clone()
-        for task in range(1, num_tasks):
-            election.add_(trimmed_task(task))
-    else:
-        election = torch.sign(first)
-        for task in range(1, num_tasks):
-            election.add_(torch.sign(trimmed_task(task), out=merged))  # `merged` is free scratch until below
-    # gamma = +1 where the score is >= 0, -1 elsewhere, in place: sign -> {-1, 0, 1}, + 0.5, sign -> {-1, 1, 1}.
-    majority_sign = election.sign_().add_(0.5).sign_()
+    frequency = majority_sign_method == "frequency"
+    trimmed_task(0, election)
+    if frequency:
+        election.sign_()
+    for task in range(1, num_tasks):
+        trimmed = trimmed_task(task, scratch)
+        election.add_(trimmed.sign_() if frequency else trimmed)
+    # gamma = +1 where the score is >= +0, -1 elsewhere, in place.
+    majority_sign = torch.copysign(torch.ones((), dtype=election.dtype, device=device), election, out=election)
 
     count_dtype = torch.uint8 if num_tasks < 256 else torch.int32
     count = torch.zeros(numel, dtype=count_dtype, device=device)
     agree = mask_buffer.view(torch.uint8) if count_dtype == torch.uint8 else mask_buffer  # no cast in add_
+    unit_weights = (weights == 1).tolist()
+    merged = torch.empty_like(scratch)
     for task in range(num_tasks):
-        agreeing = trimmed_task(task).mul_(majority_sign).clamp_(min=0)  # |x_t| where sign(x_t) == gamma, else 0
+        agreeing = agreeing_task(task, majority_sign, merged if task == 0 else scratch)
         torch.gt(agreeing, 0, out=mask_buffer)
         count.add_(agree)
-        if task == 0:
-            torch.mul(agreeing, weights[0], out=merged)
-        else:
-            merged.add_(agreeing.mul_(weights[task]))
+        if not unit_weights[task]:
+            agreeing.mul_(weights[task])
+        if task > 0:
+            merged.add_(agreeing)
     merged.mul_(majority_sign)
     # Divide by max(1, count) converted into the (now free) sign buffer: a mixed-dtype div_ would allocate.
-    return merged.div_(majority_sign.copy_(count).clamp_(min=1))
+    return merged.div_(majority_sign.copy_(count.clamp_(min=1)))
 
 
 @register_merge_method(
@@ -113,8 +117,9 @@ def ties(
     3. Disjoint mean: ``delta = sum_t w_t x_t [sign(x_t) == gamma] / max(1, sum_t [sign(x_t) == gamma])``.
 
     Memory: besides the inputs, three ``[numel]`` buffers of the task dtype (one is the result), a uint8 count and
-    a ``[2, numel]`` bool workspace, i.e. ``15 * numel`` bytes for fp32; no ``[T, numel]`` copy. The trim of each
-    task is recomputed in step 3 from its cached threshold (one elementwise pass) rather than stored.
+    a ``[2, numel]`` bool workspace, i.e. ``15 * numel`` bytes for fp32; no ``[T, numel]`` copy. Step 3 does not
+    store the trims of step 2: it recomputes ``relu(gamma * x_t)`` from ``gamma * tau_t`` and the task's cached
+    threshold in two elementwise passes (``selection.signed_trim_``).
 
     Args:
         task_tensors: ``[T, *shape]`` task vectors (fp32). Not modified.
@@ -131,15 +136,26 @@ def ties(
     numel = task_tensors[0].numel()
     flat = task_tensors.reshape(num_tasks, numel)
     k = density_to_k(numel, density)
-    buffer = torch.empty(numel, dtype=flat.dtype, device=flat.device)
+    scratch = torch.empty(numel, dtype=flat.dtype, device=flat.device)
     workspace = torch.empty(2 * numel, dtype=torch.bool, device=flat.device)  # masks of the threshold search
     # Trimming twice (election, then merge) costs less than keeping T trimmed copies; the threshold search, the
-    # expensive part, runs once per task and is cached here.
-    cutoffs: dict[int, TopkCutoff | None] = {}
+    # expensive part, runs once per task and is kept here.
+    cutoffs: list[TopkCutoff | None] = [None] * num_tasks
 
-    def trimmed_task(task: int) -> torch.Tensor:
-        cutoffs[task] = magnitude_trim_(buffer, flat[task], k, cutoffs.get(task), workspace=workspace)
-        return buffer
+    def trimmed_task(task: int, out: torch.Tensor) -> torch.Tensor:
+        if k == 0 or k == numel:
+            return out.zero_() if k == 0 else out.copy_(flat[task])
+        cutoffs[task] = topk_cutoff(torch.abs(flat[task], out=out), k, workspace=workspace)
+        return magnitude_trim(flat[task], cutoffs[task], out=out)
 
-    merged = sign_elected_disjoint_mean(trimmed_task, weights, majority_sign_method, mask_buffer=workspace[:numel])
+    def agreeing_task(task: int, majority_sign: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if k == 0:
+            return out.zero_()
+        signed = torch.mul(flat[task], majority_sign, out=out)
+        cutoff = cutoffs[task]
+        return signed.clamp_(min=0) if cutoff is None else signed_trim_(signed, cutoff)
+
+    merged = sign_elected_disjoint_mean(
+        trimmed_task, agreeing_task, weights, scratch, majority_sign_method, mask_buffer=workspace[:numel]
+    )
     return merged.view(shape)
