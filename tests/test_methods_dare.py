@@ -1,4 +1,4 @@
-"""Tests for hf_sta.methods.dare: properties of the random drop, and equality with PEFT given the same draws."""
+"""Tests for hf_sta.methods.dare: properties of the random drop, and equality with PEFT given the same masks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft.utils import merge_utils
 
-from hf_sta.methods.dare import dare_drop, dare_linear, dare_ties
+from hf_sta.methods.dare import dare_drop, dare_keep_mask, dare_linear, dare_ties
 
 pytestmark = pytest.mark.filterwarnings("ignore:The density .* no pruning will be performed")
 
@@ -22,42 +22,73 @@ def restore_global_rng():
     torch.set_rng_state(state)
 
 
-@pytest.mark.parametrize("density", [0.1, 0.5, 0.9, 1.0])
+def peft_given_our_masks(monkeypatch, peft_kernel, task_tensors, *args, density, seed):
+    """``peft_kernel(list(task_tensors), *args)`` with ``torch.bernoulli`` returning the masks our kernels draw from
+    ``seeded(seed)`` (task after task), so that PEFT and we drop the same entries."""
+    generator = seeded(seed)
+    numel = task_tensors[0].numel()
+    masks = iter(
+        [
+            dare_keep_mask(numel, density, generator=generator).view(task_tensors.shape[1:]).float()
+            for _ in task_tensors
+        ]
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "bernoulli", lambda probabilities: next(masks))
+        return peft_kernel(list(task_tensors), *args)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("shape", [(3, 500), (2, 20, 30)])
-def test_dare_linear_matches_peft_with_same_seed(restore_global_rng, density, shape):
+def test_dare_linear_matches_peft_given_the_same_masks(monkeypatch, density, shape):
     task_tensors = torch.randn(shape, generator=seeded(0))
     weights = torch.tensor([1.0, -0.5, 2.0][: shape[0]])
-    torch.manual_seed(123)  # PEFT draws from the global generator, task after task, as we do from `generator`
-    expected = merge_utils.dare_linear(list(task_tensors), weights, density)
+    expected = peft_given_our_masks(
+        monkeypatch, merge_utils.dare_linear, task_tensors, weights, density, density=density, seed=123
+    )
     out = dare_linear(task_tensors, weights, generator=seeded(123), density=density)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("majority_sign_method", ["total", "frequency"])
-@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
-def test_dare_ties_matches_peft_with_same_seed(restore_global_rng, majority_sign_method, density):
+@pytest.mark.parametrize("density", [0.2, 0.3, 0.5, 1.0])
+def test_dare_ties_matches_peft_given_the_same_masks(monkeypatch, majority_sign_method, density):
     task_tensors = torch.randn(3, 40, 25, generator=seeded(1))
     weights = torch.tensor([0.5, 1.0, 1.5])
-    torch.manual_seed(7)
-    expected = merge_utils.dare_ties(list(task_tensors), weights, density, majority_sign_method)
+    expected = peft_given_our_masks(
+        monkeypatch,
+        merge_utils.dare_ties,
+        task_tensors,
+        weights,
+        density,
+        majority_sign_method,
+        density=density,
+        seed=7,
+    )
     out = dare_ties(
         task_tensors, weights, generator=seeded(7), density=density, majority_sign_method=majority_sign_method
     )
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
 
 
-def test_matches_peft_given_the_same_mask(monkeypatch):
-    """Independent of the random stream: feed PEFT our masks through torch.bernoulli."""
-    task_tensors = torch.randn(3, 300, generator=seeded(2))
-    weights = torch.tensor([1.0, 2.0, -1.0])
-    density = 0.3
-    dropped = dare_drop(task_tensors, density, generator=seeded(5))
-    masks = iter((dropped != 0).float())
-    monkeypatch.setattr(torch, "bernoulli", lambda probabilities: next(masks))
-    expected = merge_utils.dare_ties(list(task_tensors), weights, density, "total")
-    monkeypatch.undo()
-    out = dare_ties(task_tensors, weights, generator=seeded(5), density=density)
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
+def test_keep_mask_reads_16_bits_per_entry():
+    numel = 1001  # not a multiple of 4: the last word is partly unused
+    for density in (0.1, 0.5, 0.77):
+        words = torch.empty(251, dtype=torch.int64).random_(-(2**63), None, generator=seeded(3))
+        expected = words.view(torch.int16)[:numel] < round(density * 65536) - 32768
+        assert torch.equal(dare_keep_mask(numel, density, generator=seeded(3)), expected)
+
+
+def test_keep_probability_is_resolved_to_one_in_65536():
+    numel = 1 << 20
+    # density 1e-9 rounds to 0 levels but keeps 1/65536 (never nothing), 1 - 1e-9 drops 1/65536 (never nothing)
+    kept_rarely = int(dare_keep_mask(numel, 1e-9, generator=seeded(0)).sum())
+    dropped_rarely = numel - int(dare_keep_mask(numel, 1 - 1e-9, generator=seeded(1)).sum())
+    for count in (kept_rarely, dropped_rarely):
+        assert 16 - 5 * 4 < count < 16 + 5 * 4  # Poisson(16): 2**20 / 2**16
+    # 0.3 is resolved to round(0.3 * 65536) / 65536 = 19661 / 65536
+    fraction = dare_keep_mask(numel, 0.3, generator=seeded(2)).float().mean().item()
+    assert abs(fraction - 19661 / 65536) < 5 * (0.3 * 0.7 / numel) ** 0.5
 
 
 def test_kept_fraction_and_exact_rescale():
