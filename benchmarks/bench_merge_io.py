@@ -9,8 +9,9 @@ so that the page cache is warm. For each run:
 - ``seconds``: time of the merge inside the child (opening the inputs, reading, computing, writing the output folder;
   imports excluded on every side, so a CLI's start-up does not count against it), and ``process seconds``, the
   subprocess' wall time including interpreter start-up and imports;
-- ``peak RSS``: the child's ``ru_maxrss`` (from ``os.wait4``), which counts the file pages it mapped (safetensors
-  reads by ``mmap``), and ``peak anon``: the largest anonymous RSS sampled from ``/proc/<pid>/status`` every 10 ms.
+- ``peak RSS``: the child's ``ru_maxrss`` (from ``os.wait4``), which counts the file pages it mapped (safetensors'
+  ``safe_open`` and mergekit read through ``mmap``; hf_sta's reader and the I/O floor copy with plain reads), and
+  ``peak anon``: the largest anonymous RSS sampled from ``/proc/<pid>/status`` every 10 ms.
 
 Reference rows, all in the same run:
 
