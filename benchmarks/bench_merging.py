@@ -74,30 +74,63 @@ def _tune(suite: TaskSuite, merger, method: str, grid: list[dict]) -> tuple[dict
     return best["config"], trials
 
 
+def _sta_defaults() -> dict:
+    from hf_sta.methods import get_merge_method
+
+    return {parameter.name: parameter.default for parameter in get_merge_method("sta").parameters}
+
+
+def run_seed(seed: int, tasks: list[str], calibration: int) -> dict:
+    """One seed of the merge table; saved to ``results/merging/seed<seed>.json`` and reused by later runs whose
+    protocol (tasks, fine-tune folders, grids, STA defaults, calibration size, scoring precision) is the same."""
+    suite = TaskSuite(tasks, seed=seed).prepare()
+    protocol = {
+        "tasks": tasks,
+        "models": {task: path.name for task, path in suite.model_dirs.items()},
+        "grids": GRIDS,
+        "sta_defaults": _sta_defaults(),
+        "calibration_samples": calibration,
+        "scoring": "bf16 autocast" if suite.bf16 else "fp32",
+    }
+    path = RESULTS / "merging" / f"seed{seed}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached["protocol"] == json.loads(json.dumps(protocol)):
+            logger.info("seed %d: reusing %s", seed, path)
+            return cached
+    started = time.perf_counter()
+    individual = suite.individual("test")
+    merger = suite.merger()
+    for task in tasks:
+        suite.importance(merger, task, calibration)
+    rows = {"individual": {"config": {}, "test": individual}}
+    rows["average"] = {"config": {}, "test": _score(suite, merger, "test", "average")}
+    rows["sta_default"] = {"config": {}, "test": _score(suite, merger, "test", "sta")}
+    for method, grid in GRIDS.items():
+        config, trials = _tune(suite, merger, method, grid)
+        rows[f"{method}_tuned"] = {
+            "config": config,
+            "test": _score(suite, merger, "test", method, **config),
+            "trials": trials,
+        }
+    for row in rows.values():
+        row["average"] = mean(row["test"].values())
+        row["normalized"] = normalized(row["test"], individual)
+    result = {
+        "seed": seed,
+        "protocol": protocol,
+        "rows": rows,
+        "seconds": time.perf_counter() - started,
+        "environment": _environment(suite),
+    }
+    logger.info("seed %d done in %.0f s", seed, result["seconds"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
 def run_merge(seeds: list[int], tasks: list[str], calibration: int) -> dict:
-    per_seed = []
-    for seed in seeds:
-        started = time.perf_counter()
-        suite = TaskSuite(tasks, seed=seed).prepare()
-        individual = suite.individual("test")
-        merger = suite.merger()
-        for task in tasks:
-            suite.importance(merger, task, calibration)
-        rows = {"individual": {"config": {}, "test": individual}}
-        rows["average"] = {"config": {}, "test": _score(suite, merger, "test", "average")}
-        rows["sta_default"] = {"config": {}, "test": _score(suite, merger, "test", "sta")}
-        for method, grid in GRIDS.items():
-            config, trials = _tune(suite, merger, method, grid)
-            rows[f"{method}_tuned"] = {
-                "config": config,
-                "test": _score(suite, merger, "test", method, **config),
-                "trials": trials,
-            }
-        for row in rows.values():
-            row["average"] = mean(row["test"].values())
-            row["normalized"] = normalized(row["test"], individual)
-        per_seed.append({"seed": seed, "rows": rows, "seconds": time.perf_counter() - started})
-        logger.info("seed %d done in %.0f s", seed, per_seed[-1]["seconds"])
+    per_seed = [run_seed(seed, tasks, calibration) for seed in seeds]
     summary = {}
     for name in per_seed[0]["rows"]:
         values = [s["rows"][name]["normalized"] for s in per_seed]
@@ -116,7 +149,6 @@ def run_merge(seeds: list[int], tasks: list[str], calibration: int) -> dict:
         "calibration_samples": calibration,
         "summary": summary,
         "per_seed": per_seed,
-        "environment": _environment(suite),
     }
 
 
