@@ -43,7 +43,8 @@ GRIDS = {
     "task_arithmetic": [{"scaling": s} for s in (0.3, 0.5, 0.7, 1.0)],
     "ties": [{"density": 0.2, "scaling": s} for s in (0.7, 1.0, 1.3)],
     "dare_ties": [{"density": 0.5, "scaling": s} for s in (0.7, 1.0)],
-    "sta": [{"density": d, "scaling": s} for d, s in itertools.product((0.1, 0.2, 0.4), (0.8, 1.0))],
+    "sta": [{"overlap": "elect", "density": d, "scaling": s} for d, s in itertools.product((0.4, 0.7), (1.0, 1.3))]
+    + [{"overlap": "sum", "density": 0.1, "scaling": 1.0}, {"overlap": "sum", "threshold": 0.05, "scaling": 1.0}],
 }
 FORGET_SCALINGS = (1.0, 2.0, 3.0)
 

@@ -39,7 +39,7 @@ from .io.checkpoints import (
     save_tensors,
 )
 from .methods import MergeMethod, get_merge_method
-from .methods.sta import forget_delta, global_thresholds
+from .methods.sta import DEFAULT_FORGET_DENSITY, forget_delta, global_thresholds
 from .task_vector import CheckpointTaskVector, TaskVector
 
 logger = logging.getLogger(__name__)
@@ -678,6 +678,8 @@ class STAMerger:
             raise ConfigError(f"method='negation' takes no selection parameters, got {', '.join(params)}.")
         params = spec.validate_params({k: v for k, v in params.items() if v is not None})
         params.pop("overlap")
+        if method == "sta" and params.get("density") is None and params.get("threshold") is None:
+            params["density"] = DEFAULT_FORGET_DENSITY
         scores = self._importance_for([task], "sta")[0] if method == "sta" else None
         if not isinstance(scaling, int | float):
             raise ConfigError(f"scaling must be a number, got {scaling!r}.")

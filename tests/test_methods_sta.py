@@ -44,11 +44,13 @@ def test_density_mask_keeps_exactly_the_top_entries(density):
 
 
 def test_default_selection_is_density_default():
-    from hf_sta.methods.sta import DEFAULT_DENSITY
+    from hf_sta.methods.sta import DEFAULT_DENSITY, DEFAULT_FORGET_DENSITY
 
-    _, importance = _inputs()
+    tau, importance = _inputs()
     masks, _ = importance_masks(importance, threshold=None, density=None)
     assert int(masks[0].sum()) == int(DEFAULT_DENSITY * importance[0].numel())
+    kept = forget_delta(tau[0], importance[0]) != 0
+    assert int(kept.sum()) == int(DEFAULT_FORGET_DENSITY * importance[0].numel())
 
 
 @pytest.mark.parametrize("overlap", ["sum", "mean", "max_importance", "elect"])
@@ -106,11 +108,19 @@ def test_forget_delta_definition():
     torch.testing.assert_close(forget_delta(tau[0], None), tau[0])
 
 
+def test_kernel_defaults_are_the_registered_defaults():
+    import inspect
+
+    signature = inspect.signature(sta)
+    for name, default in get_merge_method("sta").defaults.items():
+        assert signature.parameters[name].default == default, name
+
+
 def test_registered_with_parameters():
     spec = get_merge_method("sta")
     assert spec.requires_importance
     params = spec.validate_params({"threshold": "0.1"})
-    assert params["threshold"] == 0.1 and params["density"] is None and params["overlap"] == "sum"
+    assert params["threshold"] == 0.1 and params["density"] is None and params["overlap"] == "elect"
     with pytest.raises(ValueError, match="overlap"):
         spec.validate_params({"overlap": "union"})
     with pytest.raises(ValueError, match="density"):
