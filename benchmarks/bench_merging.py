@@ -222,21 +222,51 @@ def run_forget(
 ) -> dict:
     """Forget each task with STA (its importance mask) and with plain negation; the scaling is the largest of
     ``FORGET_SCALINGS`` (tried in increasing order, stopping at the first that breaks the control rule) whose control
-    accuracy on validation stays >= 95% of the unedited model's; test accuracy of that edit is reported."""
+    accuracy on validation stays >= 95% of the unedited model's; test accuracy of that edit is reported.
+
+    Each (task, source) pair is saved to ``results/forgetting/<task>-<source>.json`` and reused while the protocol is
+    unchanged, so pairs can run in separate processes (``--forget-tasks``, ``--forget-from``)."""
     suite = TaskSuite(tasks, seed=seed).prepare()
+    protocol = {
+        "tasks": tasks,
+        "seed": seed,
+        "models": {task: path.name for task, path in suite.model_dirs.items()},
+        "sta_defaults": _sta_defaults(),
+        "scalings": FORGET_SCALINGS,
+        "calibration_samples": calibration,
+        "scoring": "bf16 autocast" if suite.bf16 else "fp32",
+    }
     merger = suite.merger()
     for task in tasks:
         suite.importance(merger, task, calibration)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        merged = merger.merge(method="sta", output_dir=Path(tmp) / "merged")
-        merged_test = suite.evaluate(merger.forget(tasks[0], scaling=0.0, target=merged), "test")
+        merged: dict[str, object] = {}
+
+        def merged_model():
+            if not merged:
+                merged["path"] = merger.merge(method="sta", output_dir=Path(tmp) / "merged")
+                merged["test"] = suite.evaluate(merger.forget(tasks[0], scaling=0.0, target=merged["path"]), "test")
+            return merged["path"], merged["test"]
+
         for task, target_kind in itertools.product(forget or tasks, sources):
-            target = merged if target_kind == "merge" else task
+            path = RESULTS / "forgetting" / f"{task}-{target_kind}.json"
+            if path.is_file():
+                cached = json.loads(path.read_text())
+                if cached["protocol"] == json.loads(json.dumps(protocol)):
+                    logger.info("forget %s from %s: reusing %s", task, target_kind, path)
+                    rows.extend(cached["rows"])
+                    continue
+            if target_kind == "merge":
+                target, before = merged_model()
+            else:
+                target, before = task, None
             others = [t for t in tasks if t != task]
             unedited = merger.forget(task, scaling=0.0, target=target)
-            before = merged_test if target_kind == "merge" else suite.evaluate(unedited, "test")
+            if before is None:
+                before = suite.evaluate(unedited, "test")
             base_control = mean(suite.evaluate(unedited, "validation", others).values())
+            pair_rows = []
             for method in ("sta", "negation"):
                 curve, chosen = [], 0.0
                 for scaling in FORGET_SCALINGS:
@@ -251,7 +281,7 @@ def run_forget(
                         break
                     chosen = scaling
                 after = suite.evaluate(merger.forget(task, scaling=chosen, method=method, target=target), "test")
-                rows.append(
+                pair_rows.append(
                     {
                         "task": task,
                         "from": target_kind,
@@ -265,14 +295,12 @@ def run_forget(
                         "curve": curve,
                     }
                 )
-                logger.info("forget %s from %s with %s: %s", task, target_kind, method, rows[-1])
-    return {
-        "tasks": tasks,
-        "seed": seed,
-        "merge": "STA defaults",
-        "rows": rows,
-        "environment": _environment(suite),
-    }
+                logger.info("forget %s from %s with %s: %s", task, target_kind, method, pair_rows[-1])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pair = {"protocol": protocol, "rows": pair_rows, "environment": _environment(suite)}
+            path.write_text(json.dumps(pair, indent=2, default=str) + "\n")
+            rows.extend(pair_rows)
+    return {"tasks": tasks, "seed": seed, "merge": "STA defaults", "rows": rows, "protocol": protocol}
 
 
 def print_merge(result: dict) -> None:
