@@ -42,6 +42,8 @@ class TaskSuite:
     batch_size: int = 64
     bf16: bool = True
     show_progress: bool = False
+    split_limits: Mapping[str, int] = field(default_factory=dict)
+    """Score only the first ``n`` examples of a split (``{"test": 200}``); the benchmarks use every example."""
     model_dirs: dict[str, Path] = field(default_factory=dict)
     heads: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     data: dict[str, object] = field(default_factory=dict)
@@ -70,6 +72,8 @@ class TaskSuite:
             tokenizer = AutoTokenizer.from_pretrained(self.model_dirs[task])
             max_length = read_finetune_info(self.model_dirs[task])["max_length"]
             rows = self.data[task][split]
+            if split in self.split_limits:
+                rows = rows.select(range(min(self.split_limits[split], len(rows))))
             texts, labels = list(rows["text"]), torch.tensor(rows["label"])
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
             batches = []
