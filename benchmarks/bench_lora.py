@@ -62,7 +62,7 @@ TINY_TASKS = ("tweet_sentiment", "subjectivity")
 GRIDS = {
     "task_arithmetic": [{"scaling": s} for s in (0.5, 0.75, 1.0)],
     "ties": [{"density": d, "scaling": s} for d, s in ((0.2, 1.0), (0.2, 1.5), (0.5, 1.0))],
-    "sta": [{"density": d, "scaling": s} for d, s in ((0.2, 1.0), (0.2, 1.5), (0.5, 1.0))],
+    "sta": [{"density": d, "scaling": s} for d, s in ((0.4, 1.0), (0.7, 1.0), (0.7, 1.5))],
 }
 FORGET_SCALINGS = (1.0, 2.0, 3.0)
 FORGET_ENERGY = 0.999

@@ -219,13 +219,15 @@ def run_forget(
     calibration: int = 128,
     forget: list[str] | None = None,
     sources: tuple[str, ...] = ("merge", "own"),
+    cached_only: bool = False,
 ) -> dict:
     """Forget each task with STA (its importance mask) and with plain negation; the scaling is the largest of
     ``FORGET_SCALINGS`` (tried in increasing order, stopping at the first that breaks the control rule) whose control
     accuracy on validation stays >= 95% of the unedited model's; test accuracy of that edit is reported.
 
     Each (task, source) pair is saved to ``results/forgetting/<task>-<source>.json`` and reused while the protocol is
-    unchanged, so pairs can run in separate processes (``--forget-tasks``, ``--forget-from``)."""
+    unchanged, so pairs can run in separate processes (``--forget-tasks``, ``--forget-from``); ``cached_only`` collects
+    the saved pairs and computes nothing new."""
     suite = TaskSuite(tasks, seed=seed).prepare()
     protocol = {
         "tasks": tasks,
@@ -257,6 +259,8 @@ def run_forget(
                     logger.info("forget %s from %s: reusing %s", task, target_kind, path)
                     rows.extend(cached["rows"])
                     continue
+            if cached_only:
+                continue
             if target_kind == "merge":
                 target, before = merged_model()
             else:
@@ -347,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--forget-tasks", nargs="+", default=None, help="tasks to forget (default: all)")
     parser.add_argument("--forget-from", nargs="+", default=["merge", "own"], choices=["merge", "own"])
+    parser.add_argument("--cached-only", action="store_true", help="forget: collect saved pairs, compute nothing new")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "transformers", "datasets", "hf_sta"):
@@ -367,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
             calibration=args.calibration_samples,
             forget=args.forget_tasks,
             sources=tuple(args.forget_from),
+            cached_only=args.cached_only,
         )
         print_forget(result)
         name = "forgetting"
