@@ -81,6 +81,16 @@ def _sta_defaults() -> dict:
     return {parameter.name: parameter.default for parameter in get_merge_method("sta").parameters}
 
 
+def _saved(path: Path, protocol: dict) -> dict | None:
+    """The result saved at ``path`` if it was produced under the same ``protocol`` (compared as JSON), else None."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["protocol"] == json.loads(json.dumps(protocol)):
+            logger.info("reusing %s", path)
+            return saved
+    return None
+
+
 def run_seed(seed: int, tasks: list[str], calibration: int) -> dict:
     """One seed of the merge table; saved to ``results/merging/seed<seed>.json`` and reused by later runs whose
     protocol (tasks, fine-tune folders, grids, STA defaults, calibration size, scoring precision) is the same."""
@@ -94,11 +104,9 @@ def run_seed(seed: int, tasks: list[str], calibration: int) -> dict:
         "scoring": "bf16 autocast" if suite.bf16 else "fp32",
     }
     path = RESULTS / "merging" / f"seed{seed}.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached["protocol"] == json.loads(json.dumps(protocol)):
-            logger.info("seed %d: reusing %s", seed, path)
-            return cached
+    cached = _saved(path, protocol)
+    if cached is not None:
+        return cached
     started = time.perf_counter()
     individual = suite.individual("test")
     merger = suite.merger()
@@ -253,12 +261,10 @@ def run_forget(
 
         for task, target_kind in itertools.product(forget or tasks, sources):
             path = RESULTS / "forgetting" / f"{task}-{target_kind}.json"
-            if path.is_file():
-                cached = json.loads(path.read_text())
-                if cached["protocol"] == json.loads(json.dumps(protocol)):
-                    logger.info("forget %s from %s: reusing %s", task, target_kind, path)
-                    rows.extend(cached["rows"])
-                    continue
+            cached = _saved(path, protocol)
+            if cached is not None:
+                rows.extend(cached["rows"])
+                continue
             if cached_only:
                 continue
             if target_kind == "merge":
