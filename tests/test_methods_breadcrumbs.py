@@ -14,6 +14,7 @@ def path(request, monkeypatch):
     if request.param == "sampled":
         monkeypatch.setattr(selection, "_SAMPLING_MIN_NUMEL", 0)
         monkeypatch.setattr(selection, "_SAMPLE_SIZE", 64)
+        monkeypatch.setattr(selection, "BLOCK_SIZE", 97)
     return request.param
 
 

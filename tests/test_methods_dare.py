@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft.utils import merge_utils
 
+from hf_sta.methods import selection
 from hf_sta.methods.dare import dare_drop, dare_keep_mask, dare_linear, dare_ties
 
 pytestmark = pytest.mark.filterwarnings("ignore:The density .* no pruning will be performed")
@@ -50,9 +51,12 @@ def test_dare_linear_matches_peft_given_the_same_masks(monkeypatch, density, sha
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("block_size", [None, 97])
 @pytest.mark.parametrize("majority_sign_method", ["total", "frequency"])
 @pytest.mark.parametrize("density", [0.2, 0.3, 0.5, 1.0])
-def test_dare_ties_matches_peft_given_the_same_masks(monkeypatch, majority_sign_method, density):
+def test_dare_ties_matches_peft_given_the_same_masks(monkeypatch, majority_sign_method, density, block_size):
+    if block_size is not None:  # the blocked election and mean, blocks not aligned with the tensor
+        monkeypatch.setattr(selection, "BLOCK_SIZE", block_size)
     task_tensors = torch.randn(3, 40, 25, generator=seeded(1))
     weights = torch.tensor([0.5, 1.0, 1.5])
     expected = peft_given_our_masks(

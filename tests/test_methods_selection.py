@@ -24,6 +24,7 @@ def path(request, monkeypatch):
     if request.param == "sampled":
         monkeypatch.setattr(selection, "_SAMPLING_MIN_NUMEL", 0)
         monkeypatch.setattr(selection, "_SAMPLE_SIZE", 256)
+        monkeypatch.setattr(selection, "BLOCK_SIZE", 97)  # many blocks, none aligned with the test shapes
     return request.param
 
 
@@ -122,8 +123,6 @@ def test_invalid_arguments():
         topk_mask(torch.ones(3, dtype=torch.bool), 1)
     with pytest.raises(ValueError, match="k must be >= 1"):
         kth_largest_threshold(scores, 0)
-    with pytest.raises(ValueError, match="workspace"):
-        topk_cutoff(scores, 3, workspace=torch.empty(5, dtype=torch.bool))
 
 
 def test_nan_scores_raise_when_selection_impossible(path):
@@ -144,14 +143,19 @@ def test_kth_largest_threshold(path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_cutoff_and_magnitude_trim_match_mask(path, dtype):
     values = torch.randint(-5, 6, (3000,), generator=torch.Generator().manual_seed(5)).to(dtype)
-    workspace = torch.empty(6000, dtype=torch.bool)
     for k in (1, 500, 1234, 2999, 3000):
-        cutoff = topk_cutoff(values.abs(), k, workspace=workspace)
+        cutoff = topk_cutoff(values.abs(), k)
         assert cutoff.k == k and 0 < cutoff.split <= values.numel()
+        assert topk_cutoff(values, k, magnitude=True) == cutoff  # |values| never materialised, same cut-off
         expected = values * reference_mask(values.abs(), k)
         assert torch.equal(magnitude_trim(values, cutoff), expected)
         out = torch.full_like(values, 9.0)
         assert magnitude_trim(values, cutoff, out=out) is out and torch.equal(out, expected)
+        # Block by block, with the block's flat offset: the same trim, whichever side of the tie split a block is.
+        for start, stop in ((0, 1), (0, cutoff.split), (cutoff.split - 1, cutoff.split + 1), (1000, 3000)):
+            start, stop = max(start, 0), min(stop, values.numel())
+            block = magnitude_trim(values[start:stop], cutoff, offset=start)
+            assert torch.equal(block, expected[start:stop])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -165,6 +169,10 @@ def test_signed_trim_is_relu_of_signed_magnitude_trim(path, dtype):
         signed = sign * values
         assert signed_trim_(signed, cutoff) is signed and torch.equal(signed, expected)
         assert (signed >= 0).all()
+        for start, stop in ((0, cutoff.split), (cutoff.split - 1, cutoff.split + 1), (1500, 3000)):
+            start, stop = max(start, 0), min(stop, values.numel())
+            block = (sign * values)[start:stop].contiguous()
+            assert torch.equal(signed_trim_(block, cutoff, offset=start), expected[start:stop])
 
 
 def test_magnitude_trim_keeps_threshold_itself():

@@ -18,6 +18,7 @@ def path(request, monkeypatch):
     if request.param == "sampled":
         monkeypatch.setattr(selection, "_SAMPLING_MIN_NUMEL", 0)
         monkeypatch.setattr(selection, "_SAMPLE_SIZE", 512)
+        monkeypatch.setattr(selection, "BLOCK_SIZE", 97)  # many blocks, the tie split inside one of them
     return request.param
 
 
@@ -101,7 +102,13 @@ def test_bad_majority_sign_method():
         ties(torch.randn(2, 5), torch.ones(2), majority_sign_method="sum")
     with pytest.raises(ValueError, match="majority_sign_method must be one of"):
         sign_elected_disjoint_mean(
-            lambda task, out: out, lambda task, sign, out: out, torch.ones(2), torch.ones(3), "mean"
+            lambda task, start, stop, out: out,
+            lambda task, start, stop, sign, out: out,
+            torch.ones(2),
+            3,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            majority_sign_method="mean",
         )
 
 

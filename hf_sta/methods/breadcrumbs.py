@@ -84,12 +84,11 @@ def breadcrumbs(
     if n_keep == 0:
         return merged.view(shape)
     trimmed = torch.empty_like(merged)
-    workspace = torch.empty(2 * numel, dtype=torch.bool, device=flat.device)
     for task in range(num_tasks):
         magnitudes = torch.abs(flat[task], out=trimmed)
-        outliers = topk_mask(magnitudes, n_top, workspace=workspace) if n_top > 0 else None
+        outliers = topk_mask(magnitudes, n_top) if n_top > 0 else None
         if n_top + n_keep < numel:
-            magnitude_trim(flat[task], topk_cutoff(magnitudes, n_top + n_keep, workspace=workspace), out=trimmed)
+            magnitude_trim(flat[task], topk_cutoff(magnitudes, n_top + n_keep), out=trimmed)
         else:
             trimmed.copy_(flat[task])
         if outliers is not None:

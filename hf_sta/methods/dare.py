@@ -209,19 +209,29 @@ def dare_ties(
     flat = task_tensors.reshape(num_tasks, numel)
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    # The masks (1 byte per entry and task), not the dropped task vectors (4 bytes): x_t is rebuilt when needed.
+    # The masks (1 byte per entry and task), not the dropped task vectors (4 bytes): x_t is rebuilt per block.
     keeps = None
     if density < 1.0:
         keeps = torch.empty((num_tasks, numel), dtype=torch.bool, device=flat.device)
         for task in range(num_tasks):
             dare_keep_mask(numel, density, generator=generator, device=flat.device, out=keeps[task])
 
-    def dropped_task(task: int, out: torch.Tensor) -> torch.Tensor:
-        return out.copy_(flat[task]) if keeps is None else _drop_into(out, flat[task], keeps[task], density, rescale)
+    def dropped_task(task: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        values = flat[task, start:stop]
+        if keeps is None:
+            return out.copy_(values)
+        return _drop_into(out, values, keeps[task, start:stop], density, rescale)
 
-    def agreeing_task(task: int, majority_sign: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return dropped_task(task, out).mul_(majority_sign).clamp_(min=0)
+    def agreeing_task(task: int, start: int, stop: int, majority_sign: torch.Tensor, out: torch.Tensor):
+        return dropped_task(task, start, stop, out).mul_(majority_sign).clamp_(min=0)
 
-    scratch = torch.empty(numel, dtype=flat.dtype, device=flat.device)
-    merged = sign_elected_disjoint_mean(dropped_task, agreeing_task, weights, scratch, majority_sign_method)
+    merged = sign_elected_disjoint_mean(
+        dropped_task,
+        agreeing_task,
+        weights,
+        numel,
+        dtype=flat.dtype,
+        device=flat.device,
+        majority_sign_method=majority_sign_method,
+    )
     return merged.view(shape)

@@ -23,13 +23,11 @@ def magnitude_trim_(
     task_tensor: torch.Tensor,
     k: int,
     cutoff: TopkCutoff | None = None,
-    *,
-    workspace: torch.Tensor | None = None,
 ) -> TopkCutoff | None:
     """Write ``tau * topk_mask(|tau|, k)`` into ``trimmed`` (the TIES "trim" step); return the cut-off used.
 
-    ``|tau|`` goes to ``trimmed``, ``topk_cutoff`` finds the threshold there (no sort), then
-    ``selection.magnitude_trim`` overwrites ``trimmed`` in one pass. Ties at the cut-off are broken by lowest flat
+    ``topk_cutoff(tau, k, magnitude=True)`` finds the threshold of ``|tau|`` (no sort), then
+    ``selection.magnitude_trim`` writes ``trimmed`` in one pass. Ties at the cut-off are broken by lowest flat
     index: exactly ``k`` entries survive, the others become 0.
 
     Args:
@@ -38,7 +36,6 @@ def magnitude_trim_(
         k: number of entries kept, ``0 <= k <= numel``.
         cutoff: the value this function returned for the same ``task_tensor`` and ``k``: trims again in one
             elementwise pass, without searching the threshold.
-        workspace: optional reusable bool buffer of ``>= 2 * numel`` entries for ``topk_cutoff``.
 
     Returns:
         The ``TopkCutoff`` of ``|tau|``, or ``None`` when nothing needs a threshold (``k == 0`` or ``k == numel``).
@@ -50,7 +47,7 @@ def magnitude_trim_(
         trimmed.copy_(task_tensor)
         return None
     if cutoff is None:
-        cutoff = topk_cutoff(torch.abs(task_tensor, out=trimmed), k, workspace=workspace)
+        cutoff = topk_cutoff(task_tensor, k, magnitude=True)
     magnitude_trim(task_tensor, cutoff, out=trimmed)
     return cutoff
 
@@ -92,9 +89,8 @@ def magnitude_prune(
     k = density_to_k(numel, density)
     merged = torch.empty(numel, dtype=flat.dtype, device=flat.device)
     trimmed = torch.empty_like(merged)
-    workspace = torch.empty(2 * numel, dtype=torch.bool, device=flat.device)
     for task in range(num_tasks):
-        magnitude_trim_(trimmed, flat[task], k, workspace=workspace)
+        magnitude_trim_(trimmed, flat[task], k)
         if task == 0:
             torch.mul(trimmed, weights[0], out=merged)
         else:

@@ -8,7 +8,7 @@ import torch
 
 from .magnitude_prune import DENSITY
 from .registry import Parameter, check_kernel_inputs, register_merge_method
-from .selection import TopkCutoff, density_to_k, magnitude_trim, signed_trim_, topk_cutoff
+from .selection import TopkCutoff, block_size, blocks, density_to_k, magnitude_trim, signed_trim_, topk_cutoff
 
 MAJORITY_SIGN_METHOD = Parameter(
     "majority_sign_method",
@@ -21,13 +21,14 @@ MAJORITY_SIGN_METHOD = Parameter(
 
 
 def sign_elected_disjoint_mean(
-    trimmed_task: Callable[[int, torch.Tensor], torch.Tensor],
-    agreeing_task: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    trimmed_task: Callable[[int, int, int, torch.Tensor], torch.Tensor],
+    agreeing_task: Callable[[int, int, int, torch.Tensor, torch.Tensor], torch.Tensor],
     weights: torch.Tensor,
-    scratch: torch.Tensor,
-    majority_sign_method: str = "total",
+    numel: int,
     *,
-    mask_buffer: torch.Tensor | None = None,
+    dtype: torch.dtype,
+    device: torch.device,
+    majority_sign_method: str = "total",
 ) -> torch.Tensor:
     """TIES sign election and disjoint weighted mean over trimmed task vectors, as ``peft.utils.merge_utils.ties``.
 
@@ -41,17 +42,22 @@ def sign_elected_disjoint_mean(
     The weights are applied after the election, which uses the unweighted ``x_t``, as in PEFT. Computed as
     ``gamma * sum_t w_t relu(gamma x_t) / max(1, sum_t [gamma x_t > 0])``, which is bit-identical (the factor
     ``gamma`` is exact; a weight of 1 is not multiplied). ``gamma = copysign(1, s)`` in one pass: ``s`` is ``-0``
-    only where every ``x_t`` is zero, where no task agrees and ``gamma`` does not matter. Allocates the result, the
-    election scores (reused for ``gamma``), a uint8 count and, unless given, one ``[N]`` bool buffer.
+    only where every ``x_t`` is zero, where no task agrees and ``gamma`` does not matter.
+
+    Everything is entrywise, so it runs block by block (``selection.blocks``): for each block the ``T`` trims, the
+    election and the ``T`` agreeing terms are computed in four block-sized buffers that stay in the CPU caches, and
+    the block of the result is written once. Besides the result nothing of size ``N`` is allocated.
 
     Args:
-        trimmed_task: ``trimmed_task(t, out)`` writes ``x_t`` into the ``[N]`` tensor ``out`` and returns it.
-        agreeing_task: ``agreeing_task(t, gamma, out)`` writes ``relu(gamma * x_t)`` (``|x_t|`` where
-            ``sign(x_t) == gamma``, else 0) into ``out`` and returns it; kernels fuse it with their trim.
+        trimmed_task: ``trimmed_task(t, start, stop, out)`` writes ``x_t[start:stop]`` into ``out`` (``stop - start``
+            entries) and returns it.
+        agreeing_task: ``agreeing_task(t, start, stop, gamma, out)`` writes ``relu(gamma * x_t[start:stop])``
+            (``|x_t|`` where ``sign(x_t) == gamma``, else 0) into ``out`` and returns it; kernels fuse it with their
+            trim.
         weights: ``[T]`` per-task weights, on the device and dtype of the task tensors.
-        scratch: ``[N]`` buffer of the task dtype (overwritten); gives the size, dtype and device.
+        numel: ``N``.
+        dtype, device: of the task tensors and the result.
         majority_sign_method: ``"total"`` or ``"frequency"``.
-        mask_buffer: optional reusable bool tensor of ``N`` entries (overwritten).
 
     Returns:
         ``[N]`` merged delta.
@@ -59,38 +65,39 @@ def sign_elected_disjoint_mean(
     if majority_sign_method not in MAJORITY_SIGN_METHOD.choices:
         raise ValueError(f"majority_sign_method must be one of 'total', 'frequency', got {majority_sign_method!r}")
     num_tasks = weights.shape[0]
-    numel, device = scratch.numel(), scratch.device
-    # Few, reused buffers: on CPU the first touch of fresh memory costs more than an elementwise pass.
-    election = torch.empty_like(scratch)
-    if mask_buffer is None:
-        mask_buffer = torch.empty(numel, dtype=torch.bool, device=device)
-
     frequency = majority_sign_method == "frequency"
-    trimmed_task(0, election)
-    if frequency:
-        election.sign_()
-    for task in range(1, num_tasks):
-        trimmed = trimmed_task(task, scratch)
-        election.add_(trimmed.sign_() if frequency else trimmed)
-    # gamma = +1 where the score is >= +0, -1 elsewhere, in place.
-    majority_sign = torch.copysign(torch.ones((), dtype=election.dtype, device=device), election, out=election)
-
-    count_dtype = torch.uint8 if num_tasks < 256 else torch.int32
-    count = torch.zeros(numel, dtype=count_dtype, device=device)
-    agree = mask_buffer.view(torch.uint8) if count_dtype == torch.uint8 else mask_buffer  # no cast in add_
     unit_weights = (weights == 1).tolist()
-    merged = torch.empty_like(scratch)
-    for task in range(num_tasks):
-        agreeing = agreeing_task(task, majority_sign, merged if task == 0 else scratch)
-        torch.gt(agreeing, 0, out=mask_buffer)
-        count.add_(agree)
-        if not unit_weights[task]:
-            agreeing.mul_(weights[task])
-        if task > 0:
-            merged.add_(agreeing)
-    merged.mul_(majority_sign)
-    # Divide by max(1, count) converted into the (now free) sign buffer: a mixed-dtype div_ would allocate.
-    return merged.div_(majority_sign.copy_(count.clamp_(min=1)))
+    size = block_size(numel, device)
+    election, scratch, count, signs = torch.empty((4, size), dtype=dtype, device=device)
+    one = torch.ones((), dtype=dtype, device=device)
+    merged = torch.empty(numel, dtype=dtype, device=device)
+    for start, stop in blocks(numel, device):
+        width = stop - start
+        score, work, counted = election[:width], scratch[:width], count[:width]
+        trimmed_task(0, start, stop, score)
+        if frequency:
+            score.sign_()
+        for task in range(1, num_tasks):
+            trimmed = trimmed_task(task, start, stop, work)
+            score.add_(trimmed.sign_() if frequency else trimmed)
+        # gamma = +1 where the score is >= +0, -1 elsewhere, in place.
+        majority_sign = torch.copysign(one, score, out=score)
+        block = merged[start:stop]
+        for task in range(num_tasks):
+            agreeing = agreeing_task(task, start, stop, majority_sign, block if task == 0 else work)
+            # The count of agreeing tasks, in floats: sign() of the (non-negative) agreeing terms is 0 or 1; a
+            # float pass is several times cheaper on CPU than a comparison into a bool mask.
+            if task == 0:
+                torch.sign(agreeing, out=counted)
+            else:
+                counted.add_(torch.sign(agreeing, out=signs[:width]))
+            if not unit_weights[task]:
+                agreeing.mul_(weights[task])
+            if task > 0:
+                block.add_(agreeing)
+        block.mul_(majority_sign)
+        block.div_(counted.clamp_(min=1))
+    return merged
 
 
 @register_merge_method(
@@ -116,10 +123,9 @@ def ties(
     2. Elect: ``gamma = sign(sum_t x_t)`` ("total") or ``sign(sum_t sign(x_t))`` ("frequency"), 0 -> +1.
     3. Disjoint mean: ``delta = sum_t w_t x_t [sign(x_t) == gamma] / max(1, sum_t [sign(x_t) == gamma])``.
 
-    Memory: besides the inputs, three ``[numel]`` buffers of the task dtype (one is the result), a uint8 count and
-    a ``[2, numel]`` bool workspace, i.e. ``15 * numel`` bytes for fp32; no ``[T, numel]`` copy. Step 3 does not
-    store the trims of step 2: it recomputes ``relu(gamma * x_t)`` from ``gamma * tau_t`` and the task's cached
-    threshold in two elementwise passes (``selection.signed_trim_``).
+    Memory: besides the inputs, the result and block-sized buffers (``selection.blocks``); no ``[T, numel]`` copy.
+    Step 3 does not store the trims of step 2: it recomputes ``relu(gamma * x_t)`` from ``gamma * tau_t`` and the
+    task's cut-off in two elementwise passes (``selection.signed_trim_``), on a block still in the cache.
 
     Args:
         task_tensors: ``[T, *shape]`` task vectors (fp32). Not modified.
@@ -136,26 +142,29 @@ def ties(
     numel = task_tensors[0].numel()
     flat = task_tensors.reshape(num_tasks, numel)
     k = density_to_k(numel, density)
-    scratch = torch.empty(numel, dtype=flat.dtype, device=flat.device)
-    workspace = torch.empty(2 * numel, dtype=torch.bool, device=flat.device)  # masks of the threshold search
-    # Trimming twice (election, then merge) costs less than keeping T trimmed copies; the threshold search, the
-    # expensive part, runs once per task and is kept here.
-    cutoffs: list[TopkCutoff | None] = [None] * num_tasks
+    if k == 0:
+        return torch.zeros(shape, dtype=flat.dtype, device=flat.device)
+    # Step 1's threshold search (one blocked sweep per task) runs once; steps 2 and 3 re-trim from the cut-offs.
+    cutoffs: list[TopkCutoff | None] = [
+        None if k == numel else topk_cutoff(flat[task], k, magnitude=True) for task in range(num_tasks)
+    ]
 
-    def trimmed_task(task: int, out: torch.Tensor) -> torch.Tensor:
-        if k == 0 or k == numel:
-            return out.zero_() if k == 0 else out.copy_(flat[task])
-        cutoffs[task] = topk_cutoff(torch.abs(flat[task], out=out), k, workspace=workspace)
-        return magnitude_trim(flat[task], cutoffs[task], out=out)
+    def trimmed_task(task: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        values, cutoff = flat[task, start:stop], cutoffs[task]
+        return out.copy_(values) if cutoff is None else magnitude_trim(values, cutoff, out=out, offset=start)
 
-    def agreeing_task(task: int, majority_sign: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if k == 0:
-            return out.zero_()
-        signed = torch.mul(flat[task], majority_sign, out=out)
+    def agreeing_task(task: int, start: int, stop: int, majority_sign: torch.Tensor, out: torch.Tensor):
+        signed = torch.mul(flat[task, start:stop], majority_sign, out=out)
         cutoff = cutoffs[task]
-        return signed.clamp_(min=0) if cutoff is None else signed_trim_(signed, cutoff)
+        return signed.clamp_(min=0) if cutoff is None else signed_trim_(signed, cutoff, offset=start)
 
     merged = sign_elected_disjoint_mean(
-        trimmed_task, agreeing_task, weights, scratch, majority_sign_method, mask_buffer=workspace[:numel]
+        trimmed_task,
+        agreeing_task,
+        weights,
+        numel,
+        dtype=flat.dtype,
+        device=flat.device,
+        majority_sign_method=majority_sign_method,
     )
     return merged.view(shape)
