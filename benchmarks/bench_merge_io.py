@@ -3,8 +3,9 @@
 Setup (the issue's): 3 fine-tune stand-ins of SmolLM2-135M (``benchmarks.smollm.perturbed_copies``: base + Gaussian
 noise, single-file fp32 safetensors of 538 MB) merged into the base, to disk, with ``task_arithmetic``, ``ties``
 (density 0.2) and ``dare_ties`` (density 0.5), weights 1 and scaling 1. Every measured configuration runs in a fresh
-subprocess, repetition after repetition interleaved (``--repeats``, median reported), after the inputs were read once
-so that the page cache is warm. For each run:
+subprocess, repetition after repetition interleaved (``--repeats``, median reported), each right after the inputs
+were read once more, so that it finds them in the page cache (on the benchmark VM pages of the inputs are dropped
+between runs: with a cold page cache a run reads from disk at ~100 MB/s). For each run:
 
 - ``seconds``: time of the merge inside the child (opening the inputs, reading, computing, writing the output folder;
   imports excluded on every side, so a CLI's start-up does not count against it), and ``process seconds``, the
@@ -645,8 +646,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         warm_seconds = warm_page_cache([path / WEIGHTS_NAME for path in inputs])
         kept: dict[str, Path] = {}
         for repeat in range(repeats):
-            warm_page_cache([path / WEIGHTS_NAME for path in inputs])
             for configuration in configurations:
+                warm_page_cache([path / WEIGHTS_NAME for path in inputs])
                 out = work / f"{configuration.name}-{repeat}"
                 load = os.getloadavg()[0]
                 run = run_child(configuration.command, configuration.env, out)

@@ -38,6 +38,7 @@ from .io.checkpoints import (
     open_checkpoint,
     save_tensors,
 )
+from .io.pipeline import BufferPool, intra_op_threads, parallel_map
 from .methods import MergeMethod, get_merge_method
 from .methods.sta import DEFAULT_FORGET_DENSITY, forget_delta, global_thresholds
 from .task_vector import CheckpointTaskVector, TaskVector
@@ -496,10 +497,17 @@ class STAMerger:
         return global_thresholds(rows, len(vectors), params["density"], params.get("normalize", "max"))
 
     def _deltas(
-        self, config: MergeConfig, spec: MergeMethod, tasks: list[str], weights: torch.Tensor, plan: list[TensorPlan]
+        self,
+        config: MergeConfig,
+        spec: MergeMethod,
+        tasks: list[str],
+        weights: torch.Tensor,
+        plan: list[TensorPlan],
+        *,
+        ordered: bool = True,
     ) -> Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None]]:
-        """Yield ``(item, theta_0, scaling * method(stack_t tau_t))`` for every base tensor, in plan order (the delta
-        is ``None`` for tensors no task vector touches)."""
+        """Yield ``(item, theta_0, scaling * method(stack_t tau_t))`` for every base tensor (the delta is ``None`` for
+        tensors no task vector touches), in plan order, or with ``ordered=False`` as each is ready."""
         vectors = [self.task_vectors[t] for t in tasks]
         params = dict(config.params)
         scores = self._importance_for(tasks, config.method) if spec.requires_importance else None
@@ -507,32 +515,39 @@ class STAMerger:
             global_threshold = self._global_thresholds(vectors, scores, params)
             if global_threshold is not None:
                 params["global_threshold"] = global_threshold
-        # One stacking buffer for all tensors, sized for the largest: the task vectors are read straight into its rows
-        # (no per-task copy, no fresh pages to fault in for every tensor).
-        largest = max((math.prod(item.shape) for item in plan if any(item.name in v for v in vectors)), default=0)
-        buffer = torch.empty(len(vectors) * largest, dtype=torch.float32)
-        for item in plan:
+        # Each tensor is read and merged by one of PIPELINE_WORKERS threads (see ``ordered`` for the order). The
+        # task vectors are read straight into the rows of a stacking buffer (no per-task copy) taken from a pool of
+        # reused buffers (no fresh pages to fault in for every tensor).
+        pool = BufferPool()
+
+        def merge_tensor(item: TensorPlan) -> tuple[TensorPlan, torch.Tensor, torch.Tensor | None, dict]:
             key = item.name
             theta_0 = self.base.get_tensor(key)
             if not any(key in v for v in vectors):
-                yield item, theta_0, None
-                continue
-            stacked = buffer[: len(vectors) * math.prod(item.shape)].view(len(vectors), *item.shape)
+                return item, theta_0, None, {}
+            stacked = pool.acquire(len(vectors) * math.prod(item.shape)).view(len(vectors), *item.shape)
             for index, vector in enumerate(vectors):
                 if key in vector:
                     self._tau(vector, key, theta_0, out=stacked[index])
                 else:
                     stacked[index].zero_()
+            tensor_params = dict(params)
             if scores is not None:
-                params["importance"] = self._stacked_importance(scores, key, item.shape)
-                params["stats"] = {}
+                tensor_params["importance"] = self._stacked_importance(scores, key, item.shape)
+                tensor_params["stats"] = {}
             generator = torch.Generator().manual_seed(_tensor_seed(config.seed, key)) if spec.stochastic else None
-            delta = spec.function(stacked, weights, generator=generator, **params)
-            if delta.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
-                delta = delta.clone()  # a kernel returning (a view of) its input: the buffer is refilled next tensor
-            if "kept_fraction" in params.get("stats", {}):
-                self.last_kept_fraction[key] = dict(zip(tasks, params["stats"]["kept_fraction"].tolist()))
-            yield item, theta_0, delta.mul_(config.scaling)
+            delta = spec.function(stacked, weights, generator=generator, **tensor_params)
+            if delta.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr():
+                delta = delta.clone()  # a kernel returning (a view of) its input: the buffer is reused
+            pool.release(stacked)
+            return item, theta_0, delta.mul_(config.scaling), tensor_params.get("stats", {})
+
+        for item, theta_0, delta, stats in parallel_map(merge_tensor, plan, ordered=ordered):
+            if "kept_fraction" in stats:
+                self.last_kept_fraction[item.name] = dict(zip(tasks, stats["kept_fraction"].tolist()))
+            yield item, theta_0, delta
+        kept = self.last_kept_fraction  # in plan order, whatever order the tensors were merged in
+        self.last_kept_fraction = {item.name: kept[item.name] for item in plan if item.name in kept}
 
     def merge(
         self,
@@ -609,7 +624,11 @@ class STAMerger:
         self.last_config = config
         self._last_operation = ("merge", {"config": config})
         self.last_kept_fraction = {}
-        deltas = self._deltas(config, spec, tasks, weights, plan)
+        # Safetensors output (to disk, or through a temporary folder for a transformers model) is written at each
+        # tensor's place in the file whatever the order; a state dict or an adapter is built in plan order.
+        streamed = output_dir is not None or bool(getattr(self.base, "config", None))
+        ordered = config.output_format == "adapter" or not streamed
+        deltas = self._deltas(config, spec, tasks, weights, plan, ordered=ordered)
         return self._emit(
             deltas,
             plan,
@@ -895,12 +914,17 @@ class STAMerger:
                     plan,
                     max_shard_size=max_shard_size,
                     metadata={"hf_sta": "merge" if "merge" in recipe else "forget"},
+                    background=True,
+                    any_order=True,
                 )
+                tensors = _full_tensors(deltas)
                 try:
-                    for key, tensor in _full_tensors(deltas):
-                        writer.write(key, tensor)
+                    with intra_op_threads():
+                        for key, tensor in tensors:
+                            writer.write(key, tensor)
                     writer.finish()
                 finally:
+                    tensors.close()  # stops the read-ahead thread, if the loop ended early
                     writer.abort()
             existing_card = output_dir / "README.md"
             if card and existing_card.is_file():  # overwriting: the card is updated, not replaced
@@ -1006,12 +1030,17 @@ class STAMerger:
 def _full_tensors(
     deltas: Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None]],
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, theta + delta)`` in each tensor's planned dtype (math in fp32)."""
-    for item, theta, delta in deltas:
-        if delta is None:
-            yield item.name, theta.to(item.dtype)
-        else:
-            yield item.name, delta.add_(theta.float()).to(item.dtype)
+    """``(name, theta + delta)`` in each tensor's planned dtype (math in fp32). Closing it closes ``deltas``."""
+    try:
+        for item, theta, delta in deltas:
+            if delta is None:
+                yield item.name, theta.to(item.dtype)
+            else:
+                yield item.name, delta.add_(theta.float()).to(item.dtype)
+    finally:
+        close = getattr(deltas, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclasses.dataclass

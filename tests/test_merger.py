@@ -171,6 +171,54 @@ def test_failure_midway_leaves_no_output(tmp_path, llama_checkpoints, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def _pipeline_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith(("hf_sta-worker", "hf_sta-write"))]
+
+
+def test_read_failure_in_a_worker_leaves_no_output(tmp_path, llama_checkpoints, monkeypatch):
+    from hf_sta.io import checkpoints
+
+    merger = STAMerger.from_pretrained(llama_checkpoints.base, llama_checkpoints.finetuned)
+    original = checkpoints.CheckpointReader.get_tensor
+    calls = {"n": 0}
+
+    def failing_read(self, key, out=None):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise OSError("input/output error")
+        return original(self, key, out)
+
+    monkeypatch.setattr(checkpoints.CheckpointReader, "get_tensor", failing_read)
+    with pytest.raises(OSError, match="input/output error"):
+        merger.merge(method="ties", output_dir=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    assert not _pipeline_threads()
+
+
+def test_background_write_failure_leaves_no_output(tmp_path, llama_checkpoints, monkeypatch):
+    from hf_sta.io import checkpoints
+
+    merger = STAMerger.from_pretrained(llama_checkpoints.base, llama_checkpoints.finetuned)
+    original = checkpoints.StreamingSafetensorsWriter._write_bytes
+    calls = {"n": 0}
+
+    def failing_write(self, shard, offset, data):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError("disk full")
+        return original(self, shard, offset, data)
+
+    monkeypatch.setattr(checkpoints.StreamingSafetensorsWriter, "_write_bytes", failing_write)
+    threads = torch.get_num_threads()
+    with pytest.raises(OSError, match="disk full"):
+        merger.merge(method="task_arithmetic", output_dir=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    assert not _pipeline_threads()
+    assert torch.get_num_threads() == threads  # lowered for the merge's worker threads, restored
+
+
 @pytest.mark.parametrize("bad", ["../x", "", "a/b", "a\\b", ".hidden", "x" * 200])
 def test_unsafe_task_names_are_refused(tmp_path, llama_checkpoints, bad):
     with pytest.raises(ConfigError, match="not a safe file name"):

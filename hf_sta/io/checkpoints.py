@@ -13,11 +13,13 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import shutil
 import struct
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -236,6 +238,7 @@ class CheckpointReader:
     only. Tensor names, shapes and dtypes come from the headers without reading data; at most one shard is open.
     Safetensors tensors are read with buffered reads at the header's offsets, not memory-mapped: each call returns
     a tensor of its own (or fills ``out=``), and the file's pages never count in this process' resident memory.
+    Thread-safe: concurrent :meth:`get_tensor` calls on one reader are serialised (different readers read at once).
     """
 
     def __init__(self, path: str | os.PathLike, name: str | None = None) -> None:
@@ -250,6 +253,7 @@ class CheckpointReader:
         self._spans: dict[str, tuple[int, int]] = {}  # a safetensors tensor's byte range in its file
         self._open_file: Path | None = None
         self._open_handle = None
+        self._lock = threading.Lock()  # the open shard and its file position are shared by concurrent get_tensor
         self._pickled: bool = False
         self.metadata: dict[str, str] = {}
         self._index_files()
@@ -362,26 +366,31 @@ class CheckpointReader:
         if key not in self._key_to_file:
             raise CheckpointError(f"Tensor '{key}' is not in checkpoint '{self.path}'.")
         file = self._key_to_file[key]
-        if file != self._open_file:
-            self.close()
+        with self._lock:
+            if file != self._open_file:
+                self._close()
+                if self._pickled:
+                    self._open_handle = self._load_pickled(file)
+                else:  # unbuffered: reads go straight into the tensors; closed by close() (or when collected)
+                    self._open_handle = open(file, "rb", buffering=0)  # noqa: SIM115
+                self._open_file = file
             if self._pickled:
-                self._open_handle = self._load_pickled(file)
-            else:  # unbuffered: reads go straight into the tensors; closed by close() (or when collected)
-                self._open_handle = open(file, "rb", buffering=0)  # noqa: SIM115
-            self._open_file = file
-        if self._pickled:
-            tensor = self._open_handle[key]
-            return tensor if out is None else _copy_into(out, tensor, key, str(file))
-        shape, dtype = self._meta[key]
-        if out is None:
-            out = torch.empty(shape, dtype=dtype)
-        else:
-            _check_out(out, shape, dtype, key, str(file))
-        start, end = self._spans[key]
-        _read_into(self._open_handle, start, end, out, key)
-        return out
+                tensor = self._open_handle[key]
+                return tensor if out is None else _copy_into(out, tensor, key, str(file))
+            shape, dtype = self._meta[key]
+            if out is None:
+                out = torch.empty(shape, dtype=dtype)
+            else:
+                _check_out(out, shape, dtype, key, str(file))
+            start, end = self._spans[key]
+            _read_into(self._open_handle, start, end, out, key)
+            return out
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._open_handle is not None and not self._pickled:
             self._open_handle.close()
         self._open_handle = None
@@ -442,12 +451,20 @@ class TensorPlan(tuple):
 
 
 class StreamingSafetensorsWriter:
-    """Write a planned sequence of tensors into safetensors shards without holding them in memory.
+    """Write a planned set of tensors into safetensors shards without holding them in memory.
 
-    The plan (every tensor's name, shape, dtype, in write order) is split into shards of at most ``max_shard_size``
-    bytes; each shard's header is written when the shard is opened and each tensor's bytes are appended as
-    :meth:`write` receives it, in plan order. One shard gives ``model.safetensors``; several give
-    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``, as ``save_pretrained`` does.
+    The plan (every tensor's name, shape, dtype, in file order) is split into shards of at most ``max_shard_size``
+    bytes; the layout, hence each shard's header and each tensor's byte range, is fixed by the plan, and
+    :meth:`write` puts a tensor's bytes at its range as it receives it. One shard gives ``model.safetensors``;
+    several give ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``, as
+    ``save_pretrained`` does.
+
+    Tensors must arrive in plan order, unless ``any_order=True`` (a streamed merge hands over each tensor as soon as
+    a worker thread has merged it): the files are the same bytes either way. With ``background=True`` the file
+    writes happen in a thread, behind the caller (a write is a memory copy into the page cache, which then overlaps
+    the caller's next computation): :meth:`write` checks the tensor against the plan at once and returns when the
+    previous tensor has been handed to the file; the caller must not modify a tensor after passing it. A write error
+    is raised by the next :meth:`write` or by :meth:`finish`.
     """
 
     def __init__(
@@ -458,6 +475,8 @@ class StreamingSafetensorsWriter:
         max_shard_size: int | str = "5GB",
         metadata: dict[str, str] | None = None,
         weights_name: str = SAFE_WEIGHTS_NAME,
+        background: bool = False,
+        any_order: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.plan = plan
@@ -479,68 +498,130 @@ class StreamingSafetensorsWriter:
             [weights_name] if count == 1 else [f"{stem}-{i + 1:05d}-of-{count:05d}.{ext}" for i in range(count)]
         )
         self.index_name = f"{weights_name}.index.json"
-        self._position = 0  # index into plan
-        self._shard = -1
-        self._shard_end = 0
-        self._handle = None
         self.total_size = sum(item.nbytes for item in plan)
+        # Each shard's header (its 8-byte length, then the JSON) and each tensor's (shard, file offset).
+        self._headers: list[bytes] = []
+        self._places: dict[str, tuple[int, int, TensorPlan]] = {}
+        for shard, items in enumerate(self.shards):
+            header: dict[str, object] = {"__metadata__": self.metadata}
+            offset = 0
+            for item in items:
+                header[item.name] = {
+                    "dtype": _TORCH_TO_SAFETENSORS[item.dtype],
+                    "shape": list(item.shape),
+                    "data_offsets": [offset, offset + item.nbytes],
+                }
+                offset += item.nbytes
+            header_bytes = json.dumps(header, separators=(",", ":")).encode()
+            header_bytes += b" " * (-len(header_bytes) % 8)
+            self._headers.append(struct.pack("<Q", len(header_bytes)) + header_bytes)
+            data_start = len(self._headers[-1])
+            for item in items:
+                self._places[item.name] = (shard, data_start, item)
+                data_start += item.nbytes
+        self.any_order = any_order
+        self._written: set[str] = set()
+        self._position = 0  # next index into plan (in-order mode)
+        self._handles: dict[int, object] = {}  # open shard files, by shard index
+        self._queue: queue.Queue | None = queue.Queue(maxsize=1) if background else None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
-    def _open_next_shard(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-        self._shard += 1
-        items = self.shards[self._shard]
-        header: dict[str, object] = {"__metadata__": self.metadata}
-        offset = 0
-        for item in items:
-            header[item.name] = {
-                "dtype": _TORCH_TO_SAFETENSORS[item.dtype],
-                "shape": list(item.shape),
-                "data_offsets": [offset, offset + item.nbytes],
-            }
-            offset += item.nbytes
-        header_bytes = json.dumps(header, separators=(",", ":")).encode()
-        header_bytes += b" " * (-len(header_bytes) % 8)
-        self._handle = open(self.folder / self.shard_names[self._shard], "wb")  # noqa: SIM115 - closed in finish
-        self._handle.write(struct.pack("<Q", len(header_bytes)))
-        self._handle.write(header_bytes)
-        self._shard_end += len(items)
+    def _handle(self, shard: int):
+        """The shard's file, created (with its header) on first use."""
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = open(self.folder / self.shard_names[shard], "wb")  # noqa: SIM115 - closed in finish/abort
+            self._handles[shard] = handle
+            handle.write(self._headers[shard])
+        return handle
+
+    def _write_bytes(self, shard: int, offset: int, data) -> None:
+        handle = self._handle(shard)
+        handle.seek(offset)
+        handle.write(memoryview(data))
+
+    def _submit(self, operation, *args) -> None:
+        """Run a file operation now, or queue it for the background thread (started on first use)."""
+        if self._queue is None:
+            operation(*args)
+            return
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="hf_sta-write", daemon=True)
+            self._thread.start()
+        self._queue.put((operation, args))
+
+    def _work(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is None:
+                return
+            if self._error is None:  # after a failure, drain without writing
+                operation, args = task
+                try:
+                    operation(*args)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = error
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _close_files(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor of the plan; ``name``, shape and dtype must match it."""
-        if self._position >= len(self.plan):
+        """Write tensor ``name`` of the plan (the next one, unless ``any_order``); shape and dtype must match it."""
+        if self.any_order:
+            if name not in self._places or name in self._written:
+                state = "already written" if name in self._written else "not in the plan"
+                raise RuntimeError(f"Tensor '{name}' is {state}.")
+        elif self._position >= len(self.plan):
             raise RuntimeError(f"Tensor '{name}' written past the end of the plan.")
-        expected = self.plan[self._position]
-        if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+        elif name != self.plan[self._position].name:
+            expected = self.plan[self._position]
             raise RuntimeError(
-                f"Write order broken: expected {expected.name} {expected.shape} {expected.dtype}, "
-                f"got {name} {tuple(tensor.shape)} {tensor.dtype}."
+                f"Write order broken: expected {expected.name} {expected.shape} {expected.dtype}, got {name}."
             )
-        if self._position == self._shard_end:
-            self._open_next_shard()
+        shard, offset, item = self._places[name]
+        if tuple(tensor.shape) != item.shape or tensor.dtype != item.dtype:
+            raise RuntimeError(
+                f"Tensor '{name}' does not match the plan: expected {item.shape} {item.dtype}, "
+                f"got {tuple(tensor.shape)} {tensor.dtype}."
+            )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._handle.write(memoryview(data))
+        self._submit(self._write_bytes, shard, offset, data)
+        self._written.add(name)
         self._position += 1
 
     def finish(self) -> None:
-        """Close the last shard and write the index when there are several shards."""
-        if self._position != len(self.plan):
-            missing = self.plan[self._position].name
-            raise RuntimeError(f"Only {self._position} of {len(self.plan)} planned tensors written (next: {missing}).")
-        if not self.plan:
-            self._open_next_shard()
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Make sure every planned tensor was written, close the shards and write the index when there are several."""
+        if len(self._written) != len(self.plan):
+            missing = next(item.name for item in self.plan if item.name not in self._written)
+            raise RuntimeError(
+                f"Only {len(self._written)} of {len(self.plan)} planned tensors written (next: {missing})."
+            )
+        for shard in range(len(self.shards)):  # shards without tensors (an empty plan) still get their header
+            self._submit(self._handle, shard)
+        self._join()
+        if self._error is not None:
+            raise self._error
+        self._close_files()
         if len(self.shards) > 1:
             weight_map = {item.name: self.shard_names[i] for i, items in enumerate(self.shards) for item in items}
             index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
             (self.folder / self.index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def abort(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        """Stop writing (after an error, or at the end): waits for the background thread and closes the files."""
+        self._join()
+        self._close_files()
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:

@@ -1,0 +1,178 @@
+"""Tests for hf_sta.io.pipeline (ordered worker threads, buffer pool, intra-op threads) and the background
+safetensors writer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_sta.io.checkpoints import StreamingSafetensorsWriter, TensorPlan
+from hf_sta.io.pipeline import BufferPool, intra_op_threads, parallel_map
+
+
+def _threads(prefix: str) -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith(prefix)]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_parallel_map_keeps_order_and_bounds_the_lookahead(workers):
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def function(item: int) -> int:
+        with lock:
+            started.append(item)
+        time.sleep(0.001 * (item % 3))  # finish out of order
+        return item * 10
+
+    seen = []
+    for value in parallel_map(function, range(12), workers=workers):
+        seen.append(value)
+        # While item i is in the caller's hands, at most `workers + 1` later items have been submitted.
+        assert max(started) <= value // 10 + workers + 1
+    assert seen == [10 * i for i in range(12)] and sorted(started) == list(range(12))
+    assert list(parallel_map(function, [], workers=workers)) == []
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_unordered_parallel_map_yields_everything_as_it_is_ready(workers):
+    release = threading.Event()
+    started: list[int] = []
+
+    def function(item: int) -> int:
+        started.append(item)
+        if item == 0:
+            release.wait(5)  # the first item is slow: the others overtake it
+        return item
+
+    if workers == 1:
+        release.set()  # a single worker cannot overtake
+    seen = []
+    for value in parallel_map(function, range(12), workers=workers, ordered=False):
+        seen.append(value)
+        assert len(started) - len(seen) <= workers + 1  # never more than workers + 1 submitted and not yielded
+        if len(seen) == 2:
+            release.set()
+    assert sorted(seen) == list(range(12))
+    if workers > 1:
+        assert seen[0] != 0  # a later item came out first
+
+
+def test_parallel_map_reraises_at_the_failing_item_and_stops_the_threads():
+    def function(item: int) -> int:
+        if item == 3:
+            raise OSError("unreadable shard")
+        return item
+
+    received = []
+    with pytest.raises(OSError, match="unreadable shard"):
+        for value in parallel_map(function, range(10)):
+            received.append(value)
+    assert received == [0, 1, 2]
+    assert not _threads("hf_sta-worker")
+
+
+def test_parallel_map_closed_early_leaves_no_thread():
+    release = threading.Event()
+
+    def function(item: int) -> int:
+        if item == 1:
+            release.wait(5)
+        return item
+
+    iterator = parallel_map(function, range(50))
+    assert next(iterator) == 0  # item 1 is now running in the background
+    release.set()
+    iterator.close()
+    assert not _threads("hf_sta-worker")
+
+
+def test_buffer_pool_reuses_memory():
+    pool = BufferPool()
+    a = pool.acquire(1000)
+    b = pool.acquire(10)
+    assert a.numel() == 1000 and b.numel() == 10 and a.dtype == torch.float32
+    pointers = {a.data_ptr(), b.data_ptr()}
+    pool.release(a.view(10, 100))  # any view of the buffer
+    pool.release(b)
+    # Alternating requests (two workers hold a buffer each) are served from the same two allocations.
+    for numel in (500, 8, 1000, 10, 999, 3):
+        buffer = pool.acquire(numel)
+        assert buffer.numel() == numel and buffer.data_ptr() in pointers
+        other = pool.acquire(7)
+        assert other.data_ptr() in pointers and other.data_ptr() != buffer.data_ptr()
+        pool.release(buffer)
+        pool.release(other)
+    # A request larger than every free buffer replaces the largest one: the pool never grows past two buffers.
+    big = pool.acquire(5000)
+    assert big.data_ptr() not in pointers
+    pool.release(big)
+    assert sorted(buffer.numel() for buffer in pool._free) == [10, 5000]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_intra_op_threads_are_restored(workers):
+    threads = torch.get_num_threads()
+    with intra_op_threads(workers) as inside:
+        assert inside == torch.get_num_threads() == max(1, (threads - 1) // workers)
+    assert torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError, match="boom"), intra_op_threads(workers):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == threads
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {f"layer{i}.weight": torch.randn(64, 32 + i, generator=generator) for i in range(12)}
+
+
+@pytest.mark.parametrize("budget", ["1GB", 20_000])
+def test_background_writer_writes_the_same_bytes(tmp_path, budget):
+    tensors = _tensors()
+    plan = [TensorPlan(k, v.shape, v.dtype) for k, v in tensors.items()]
+    for background in (False, True):
+        folder = tmp_path / str(background)
+        folder.mkdir()
+        writer = StreamingSafetensorsWriter(folder, plan, max_shard_size=budget, background=background)
+        for key, value in tensors.items():
+            writer.write(key, value)
+        writer.finish()
+        writer.abort()
+    files = sorted(path.name for path in (tmp_path / "False").iterdir())
+    assert files == sorted(path.name for path in (tmp_path / "True").iterdir())
+    assert (len(files) > 1) == (budget != "1GB")
+    for name in files:
+        assert (tmp_path / "False" / name).read_bytes() == (tmp_path / "True" / name).read_bytes()
+    loaded = {}
+    for name in files:
+        if name.endswith(".safetensors"):
+            loaded.update(load_file(tmp_path / "True" / name))
+    assert all(torch.equal(loaded[key], value) for key, value in tensors.items())
+    assert not _threads("hf_sta-write")
+
+
+def test_background_write_error_reaches_the_caller(tmp_path, monkeypatch):
+    tensors = _tensors()
+    plan = [TensorPlan(k, v.shape, v.dtype) for k, v in tensors.items()]
+    calls = {"n": 0}
+    original = StreamingSafetensorsWriter._write_bytes
+
+    def failing(self, shard, offset, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        original(self, shard, offset, data)
+
+    monkeypatch.setattr(StreamingSafetensorsWriter, "_write_bytes", failing)
+    writer = StreamingSafetensorsWriter(tmp_path, plan, background=True)
+    with pytest.raises(OSError, match="disk full"):
+        for key, value in tensors.items():
+            writer.write(key, value)
+        writer.finish()
+    writer.abort()
+    assert calls["n"] == 3  # nothing written after the failure
+    assert not _threads("hf_sta-write")
