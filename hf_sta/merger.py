@@ -505,9 +505,11 @@ class STAMerger:
         plan: list[TensorPlan],
         *,
         ordered: bool = True,
+        combine: bool = False,
     ) -> Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None]]:
         """Yield ``(item, theta_0, scaling * method(stack_t tau_t))`` for every base tensor (the delta is ``None`` for
-        tensors no task vector touches), in plan order, or with ``ordered=False`` as each is ready."""
+        tensors no task vector touches), in plan order, or with ``ordered=False`` as each is ready. With ``combine``
+        the worker threads also add the two: ``(item, theta_0 + delta in the item's dtype, None)``."""
         vectors = [self.task_vectors[t] for t in tasks]
         params = dict(config.params)
         scores = self._importance_for(tasks, config.method) if spec.requires_importance else None
@@ -522,9 +524,10 @@ class STAMerger:
 
         def merge_tensor(item: TensorPlan) -> tuple[TensorPlan, torch.Tensor, torch.Tensor | None, dict]:
             key = item.name
-            theta_0 = self.base.get_tensor(key)
             if not any(key in v for v in vectors):
-                return item, theta_0, None, {}
+                return item, self.base.get_tensor(key), None, {}
+            shape = self.base.shape(key)
+            theta_0 = self.base.get_tensor(key, out=pool.acquire(math.prod(shape), self.base.dtype(key)).view(shape))
             stacked = pool.acquire(len(vectors) * math.prod(item.shape)).view(len(vectors), *item.shape)
             for index, vector in enumerate(vectors):
                 if key in vector:
@@ -540,7 +543,14 @@ class STAMerger:
             if delta.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr():
                 delta = delta.clone()  # a kernel returning (a view of) its input: the buffer is reused
             pool.release(stacked)
-            return item, theta_0, delta.mul_(config.scaling), tensor_params.get("stats", {})
+            delta.mul_(config.scaling)
+            if combine:  # theta_0 + delta in the output dtype, here in the worker; theta_0's buffer is reused
+                output = delta.add_(theta_0.float()).to(item.dtype)
+                pool.release(theta_0)
+                return item, output, None, tensor_params.get("stats", {})
+            theta = theta_0.clone()  # its buffer goes back to the pool
+            pool.release(theta_0)
+            return item, theta, delta, tensor_params.get("stats", {})
 
         for item, theta_0, delta, stats in parallel_map(merge_tensor, plan, ordered=ordered):
             if "kept_fraction" in stats:
@@ -628,7 +638,8 @@ class STAMerger:
         # tensor's place in the file whatever the order; a state dict or an adapter is built in plan order.
         streamed = output_dir is not None or bool(getattr(self.base, "config", None))
         ordered = config.output_format == "adapter" or not streamed
-        deltas = self._deltas(config, spec, tasks, weights, plan, ordered=ordered)
+        adapter = config.output_format == "adapter"
+        deltas = self._deltas(config, spec, tasks, weights, plan, ordered=ordered, combine=not adapter)
         return self._emit(
             deltas,
             plan,

@@ -111,7 +111,12 @@ def test_buffer_pool_reuses_memory():
     big = pool.acquire(5000)
     assert big.data_ptr() not in pointers
     pool.release(big)
-    assert sorted(buffer.numel() for buffer in pool._free) == [10, 5000]
+    assert sorted(buffer.numel() for buffer in pool._free) == [40, 20000]  # bytes
+    # Buffers are bytes: a bfloat16 or int64 request reuses them too, correctly typed and sized.
+    half = pool.acquire(6, torch.bfloat16)
+    wide = pool.acquire(3, torch.int64)
+    assert (half.dtype, half.numel(), wide.dtype, wide.numel()) == (torch.bfloat16, 6, torch.int64, 3)
+    assert {half.data_ptr(), wide.data_ptr()} <= {buffer.data_ptr() for buffer in (big, b)}
 
 
 @pytest.mark.parametrize("workers", [1, 2])

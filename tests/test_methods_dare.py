@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from peft.utils import merge_utils
@@ -75,12 +76,41 @@ def test_dare_ties_matches_peft_given_the_same_masks(monkeypatch, majority_sign_
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=0)
 
 
-def test_keep_mask_reads_16_bits_per_entry():
-    numel = 1001  # not a multiple of 4: the last word is partly unused
-    for density in (0.1, 0.5, 0.77):
-        words = torch.empty(251, dtype=torch.int64).random_(-(2**63), None, generator=seeded(3))
-        expected = words.view(torch.int16)[:numel] < round(density * 65536) - 32768
-        assert torch.equal(dare_keep_mask(numel, density, generator=seeded(3)), expected)
+def _reference_keep_mask(numel: int, density: float, bits: int, seed: int) -> torch.Tensor:
+    """Independent oracle: unpack the little-endian bit stream of the same int64 words with NumPy, read ``bits`` bits
+    per entry as an unsigned integer and keep it below ``round(density * 65536) / 2**(16 - bits)``."""
+    words_needed = -(-numel * bits // 64)
+    words = torch.empty(words_needed, dtype=torch.int64).random_(-(2**63), None, generator=seeded(seed))
+    stream = np.unpackbits(words.numpy().view(np.uint8), bitorder="little")[: numel * bits]
+    values = stream.reshape(numel, bits).astype(np.int64) @ (1 << np.arange(bits))
+    levels = round(density * 65536)
+    if bits == 16:  # compared as signed int16 against levels - 2**15: the same as unsigned (v ^ 0x8000) < levels
+        return torch.from_numpy((values ^ 0x8000) < levels)
+    return torch.from_numpy(values < levels >> (16 - bits))
+
+
+@pytest.mark.parametrize(
+    ("density", "bits"),
+    [(0.5, 1), (0.25, 2), (0.75, 2), (0.625, 4), (0.8125, 4), (0.3828125, 8), (0.1, 16), (0.77, 16), (0.3, 16)],
+)
+def test_keep_mask_reads_as_few_bits_as_the_density_needs(density, bits):
+    numel = 1001  # not a multiple of the entries per word: the last word is partly unused
+    assert torch.equal(
+        dare_keep_mask(numel, density, generator=seeded(3)), _reference_keep_mask(numel, density, bits, 3)
+    )
+    # The generator advanced by exactly the words drawn.
+    generator = seeded(3)
+    dare_keep_mask(numel, density, generator=generator)
+    expected_state = seeded(3)
+    torch.empty(-(-numel * bits // 64), dtype=torch.int64).random_(-(2**63), None, generator=expected_state)
+    assert torch.equal(generator.get_state(), expected_state.get_state())
+
+
+@pytest.mark.parametrize("density", [0.5, 0.25, 0.625, 0.3828125])
+def test_keep_probability_with_few_bits_is_exact(density):
+    numel = 1 << 20
+    fraction = dare_keep_mask(numel, density, generator=seeded(5)).float().mean().item()
+    assert abs(fraction - density) < 5 * (density * (1 - density) / numel) ** 0.5
 
 
 def test_keep_probability_is_resolved_to_one_in_65536():

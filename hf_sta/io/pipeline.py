@@ -79,33 +79,37 @@ _END = object()
 class BufferPool:
     """Reusable flat buffers, so that tensor after tensor is read into memory that is already mapped.
 
-    On CPU the first touch of freshly allocated memory (a page fault per 4 KiB) costs more than an elementwise pass
-    over it. The pool holds as many buffers as were in use at the same time (one per worker thread), each as large
-    as the largest request it served. Thread-safe.
+    On CPU the first touch of freshly allocated memory (the kernel zeroes every new page) costs more than an
+    elementwise pass over it. The pool holds as many buffers as were in use at the same time (a few per worker
+    thread), each as large as the largest request it served. Buffers are bytes, viewed as the requested dtype.
+    Thread-safe.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
-        self.dtype = dtype
-        self._free: list[torch.Tensor] = []
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []  # uint8 buffers
+        self._lent: dict[int, torch.Tensor] = {}  # storage address -> uint8 buffer, for buffers in use
         self._lock = threading.Lock()
 
-    def acquire(self, numel: int) -> torch.Tensor:
-        """A 1-D buffer of ``numel`` entries (contents undefined) until :meth:`release`: the smallest free buffer
-        that fits, else a new one, which replaces the largest free buffer too small to fit."""
+    def acquire(self, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A 1-D ``dtype`` buffer of ``numel`` entries (contents undefined) until :meth:`release`: the smallest free
+        buffer that fits, else a new one, which replaces the largest free buffer too small to fit."""
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
         with self._lock:
             sizes = [buffer.numel() for buffer in self._free]
-            fitting = [index for index, size in enumerate(sizes) if size >= numel]
+            fitting = [index for index, size in enumerate(sizes) if size >= nbytes]
             if fitting:
-                return self._free.pop(min(fitting, key=sizes.__getitem__))[:numel]
-            if self._free:
-                self._free.pop(max(range(len(sizes)), key=sizes.__getitem__))
-        return torch.empty(numel, dtype=self.dtype)
+                buffer = self._free.pop(min(fitting, key=sizes.__getitem__))
+            else:
+                if self._free:
+                    self._free.pop(max(range(len(sizes)), key=sizes.__getitem__))
+                buffer = torch.empty(-(-nbytes // 8) * 8, dtype=torch.uint8)  # any dtype can view it later
+            self._lent[buffer.untyped_storage().data_ptr()] = buffer
+        return buffer[:nbytes].view(dtype)
 
     def release(self, buffer: torch.Tensor) -> None:
-        """Give back a buffer from :meth:`acquire` (any view of it); it must no longer be used."""
-        base = buffer._base if buffer._base is not None else buffer
+        """Give back a buffer from :meth:`acquire` (or any view of it); it must no longer be used."""
         with self._lock:
-            self._free.append(base.view(-1))
+            self._free.append(self._lent.pop(buffer.untyped_storage().data_ptr()))
 
 
 @contextlib.contextmanager

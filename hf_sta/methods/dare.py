@@ -1,8 +1,9 @@
 """``dare_linear`` and ``dare_ties``: random drop and rescale, then sum or TIES (Yu et al., 2024).
 
-The keep masks come from 16 random bits per entry (``dare_keep_mask``), not from ``torch.bernoulli``, which costs
-4-6 times more on CPU (a float draw and a comparison per entry): the keep probability is ``density`` rounded to a
-multiple of ``2**-16``. Masks are reproducible from the generator's seed, but they are not the draws PEFT's
+The keep masks come from at most 16 random bits per entry (``dare_keep_mask``), not from ``torch.bernoulli``, which
+costs 4-6 times more on CPU (a float draw and a comparison per entry): the keep probability is ``density`` rounded to
+a multiple of ``2**-16``, and an entry draws only as many bits as that probability needs (1 for 0.5, 2 for 0.25 or
+0.75, ..., 16 for 0.3). Masks are reproducible from the generator's seed, but they are not the draws PEFT's
 ``random_pruning`` or mergekit make for the same seed; given the same masks the results equal PEFT's.
 """
 
@@ -21,22 +22,28 @@ DARE_DENSITY = Parameter(
     "density",
     float,
     0.5,
-    "Probability of keeping each entry of each task vector (1 - drop rate p), resolved to 1/65536; 0.5 is the "
-    "conventional default.",
+    "Probability of keeping each entry of each task vector (1 - drop rate p), resolved to 1/65536 (the masks draw "
+    "fewer random bits for 0.5, 0.25, ... : faster); 0.5 is the conventional default.",
     low=0.0,
     high=1.0,
     low_inclusive=False,
 )
-# Each entry draws this many random bits; the keep probability is resolved to 2**-_DRAW_BITS.
-_DRAW_BITS = 16
+# The keep probability is resolved to 2**-_RESOLUTION_BITS; an entry draws at most that many random bits.
+_RESOLUTION_BITS = 16
 
 
-def _keep_bound(density: float) -> int:
-    """Entries whose draw, a uniform int16 ``r``, is below the bound are kept: ``P(r < bound) = levels / 2**16``
-    with ``levels = round(density * 2**16)``, clamped to ``[1, 2**16 - 1]`` so that ``0 < density < 1`` never keeps
-    all or nothing."""
-    levels = min(max(round(density * 2**_DRAW_BITS), 1), 2**_DRAW_BITS - 1)
-    return levels - 2 ** (_DRAW_BITS - 1)
+def _keep_levels(density: float) -> int:
+    """``levels = round(density * 2**16)``, clamped to ``[1, 2**16 - 1]`` so that ``0 < density < 1`` never keeps
+    all or nothing: an entry is kept with probability ``levels / 2**16``."""
+    return min(max(round(density * 2**_RESOLUTION_BITS), 1), 2**_RESOLUTION_BITS - 1)
+
+
+def _draw_bits(levels: int) -> int:
+    """Random bits per entry: the fewest of 1, 2, 4, 8, 16 in which ``levels / 2**16`` is a whole number of steps."""
+    for bits in (1, 2, 4, 8):
+        if levels % (1 << (_RESOLUTION_BITS - bits)) == 0:
+            return bits
+    return _RESOLUTION_BITS
 
 
 def dare_keep_mask(
@@ -49,9 +56,12 @@ def dare_keep_mask(
 ) -> torch.Tensor:
     """Bool ``[numel]`` mask, ``True`` (kept) with probability ``density`` (to ``2**-16``) independently per entry.
 
-    ``ceil(numel / 4)`` int64 words of 64 uniform random bits are drawn from ``generator`` (``random_`` over the full
-    int64 range) and read as ``4 * ceil(numel / 4)`` int16 draws ``r``; entry ``i`` is kept iff ``r_i < b`` with
-    ``b = round(density * 2**16) - 2**15`` (see ``_keep_bound``). Same generator state, same mask.
+    With ``levels = round(density * 2**16)`` (see ``_keep_levels``) and ``b`` the fewest bits among 1, 2, 4, 8, 16
+    such that ``levels`` is a multiple of ``2**(16 - b)`` (``_draw_bits``: 1 for density 0.5, 16 for 0.3),
+    ``ceil(numel * b / 64)`` int64 words of 64 uniform random bits are drawn from ``generator`` (``random_`` over the
+    full int64 range). Entry ``i`` reads bits ``[i*b, (i+1)*b)`` of their little-endian bit stream as an unsigned
+    integer ``r_i`` (for ``b = 16``: the ``i``-th int16 of the words, offset by ``2**15``) and is kept iff
+    ``r_i < levels / 2**(16 - b)``, i.e. with probability exactly ``levels / 2**16``. Same generator state, same mask.
 
     Args:
         numel: number of entries.
@@ -60,10 +70,23 @@ def dare_keep_mask(
         device: where the mask lives (the generator's device).
         out: optional bool tensor of ``numel`` entries to write the mask into.
     """
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(
+    levels = _keep_levels(density)
+    bits = _draw_bits(levels)
+    per_word = 64 // bits
+    words = torch.empty(-(-numel // per_word), dtype=torch.int64, device=device).random_(
         -(2**63), None, generator=generator
     )
-    return torch.lt(words.view(torch.int16)[:numel], _keep_bound(density), out=out)
+    if bits == _RESOLUTION_BITS:  # int16 draws, compared signed: r - 2**15 < levels - 2**15
+        return torch.lt(words.view(torch.int16)[:numel], levels - 2 ** (_RESOLUTION_BITS - 1), out=out)
+    bound = levels >> (_RESOLUTION_BITS - bits)
+    stream = words.view(torch.uint8)
+    if bits == 8:
+        return torch.lt(stream[:numel], bound, out=out)
+    per_byte = 8 // bits
+    draws = torch.empty((stream.numel(), per_byte), dtype=torch.uint8, device=stream.device)
+    for slot in range(per_byte):  # entry per_byte * j + slot reads bits [slot * b, (slot + 1) * b) of byte j
+        torch.bitwise_and(torch.bitwise_right_shift(stream, slot * bits), (1 << bits) - 1, out=draws[:, slot])
+    return torch.lt(draws.view(-1)[:numel], bound, out=out)
 
 
 RESCALE = Parameter(
@@ -83,8 +106,8 @@ def dare_drop(
 ) -> torch.Tensor:
     """Drop And REscale: ``x_t = tau_t * m_t / density`` with ``m_t`` i.i.d. Bernoulli(``density``) per entry.
 
-    The masks are drawn task after task in flat (row-major) order with ``dare_keep_mask`` (16 random bits per entry:
-    the keep probability is ``density`` to ``2**-16``). ``density >= 1`` keeps everything and draws nothing (as PEFT).
+    The masks are drawn task after task in flat (row-major) order with ``dare_keep_mask`` (up to 16 random bits per
+    entry: the keep probability is ``density`` to ``2**-16``). ``density >= 1`` keeps everything and draws nothing (as PEFT).
 
     Args:
         task_tensors: ``[T, N]`` flat task vectors. Not modified.
