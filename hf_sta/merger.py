@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -506,10 +507,15 @@ class STAMerger:
         *,
         ordered: bool = True,
         combine: bool = False,
-    ) -> Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None]]:
-        """Yield ``(item, theta_0, scaling * method(stack_t tau_t))`` for every base tensor (the delta is ``None`` for
-        tensors no task vector touches), in plan order, or with ``ordered=False`` as each is ready. With ``combine``
-        the worker threads also add the two: ``(item, theta_0 + delta in the item's dtype, None)``."""
+        pooled: bool = False,
+    ) -> Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None, Callable[[], None] | None]]:
+        """Yield ``(item, theta_0, scaling * method(stack_t tau_t), None)`` for every base tensor (the delta is
+        ``None`` for tensors no task vector touches), in plan order, or with ``ordered=False`` as each is ready.
+
+        With ``combine`` the worker threads also add the two: ``(item, theta_0 + delta in the item's dtype, None,
+        release)``. With ``pooled`` as well, an fp32 result is built in a reused buffer, and ``release`` (else
+        ``None``) must be called once it has been written: the buffer goes back to the pool.
+        """
         vectors = [self.task_vectors[t] for t in tasks]
         params = dict(config.params)
         scores = self._importance_for(tasks, config.method) if spec.requires_importance else None
@@ -522,10 +528,10 @@ class STAMerger:
         # reused buffers (no fresh pages to fault in for every tensor).
         pool = BufferPool()
 
-        def merge_tensor(item: TensorPlan) -> tuple[TensorPlan, torch.Tensor, torch.Tensor | None, dict]:
+        def merge_tensor(item: TensorPlan) -> tuple[TensorPlan, torch.Tensor, torch.Tensor | None, Any, dict]:
             key = item.name
             if not any(key in v for v in vectors):
-                return item, self.base.get_tensor(key), None, {}
+                return item, self.base.get_tensor(key), None, None, {}
             shape = self.base.shape(key)
             theta_0 = self.base.get_tensor(key, out=pool.acquire(math.prod(shape), self.base.dtype(key)).view(shape))
             stacked = pool.acquire(len(vectors) * math.prod(item.shape)).view(len(vectors), *item.shape)
@@ -544,18 +550,23 @@ class STAMerger:
                 delta = delta.clone()  # a kernel returning (a view of) its input: the buffer is reused
             pool.release(stacked)
             delta.mul_(config.scaling)
-            if combine:  # theta_0 + delta in the output dtype, here in the worker; theta_0's buffer is reused
+            stats = tensor_params.get("stats", {})
+            if combine and pooled and theta_0.dtype == item.dtype == torch.float32:
+                # theta_0 + delta in theta_0's buffer (the same bits as delta + theta_0), back to the pool once written
+                output = theta_0.add_(delta)
+                return item, output, None, functools.partial(pool.release, output), stats
+            if combine:  # theta_0 + delta in the output dtype, here in the worker
                 output = delta.add_(theta_0.float()).to(item.dtype)
                 pool.release(theta_0)
-                return item, output, None, tensor_params.get("stats", {})
+                return item, output, None, None, stats
             theta = theta_0.clone()  # its buffer goes back to the pool
             pool.release(theta_0)
-            return item, theta, delta, tensor_params.get("stats", {})
+            return item, theta, delta, None, stats
 
-        for item, theta_0, delta, stats in parallel_map(merge_tensor, plan, ordered=ordered):
+        for item, theta_0, delta, release, stats in parallel_map(merge_tensor, plan, ordered=ordered):
             if "kept_fraction" in stats:
                 self.last_kept_fraction[item.name] = dict(zip(tasks, stats["kept_fraction"].tolist()))
-            yield item, theta_0, delta
+            yield item, theta_0, delta, release
         kept = self.last_kept_fraction  # in plan order, whatever order the tensors were merged in
         self.last_kept_fraction = {item.name: kept[item.name] for item in plan if item.name in kept}
 
@@ -639,7 +650,9 @@ class STAMerger:
         streamed = output_dir is not None or bool(getattr(self.base, "config", None))
         ordered = config.output_format == "adapter" or not streamed
         adapter = config.output_format == "adapter"
-        deltas = self._deltas(config, spec, tasks, weights, plan, ordered=ordered, combine=not adapter)
+        deltas = self._deltas(
+            config, spec, tasks, weights, plan, ordered=ordered, combine=not adapter, pooled=streamed and not adapter
+        )
         return self._emit(
             deltas,
             plan,
@@ -720,7 +733,7 @@ class STAMerger:
             global_threshold = self._global_thresholds([vector], [scores], params)
             params["global_threshold"] = global_threshold
 
-        def edits() -> Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None]]:
+        def edits() -> Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None, None]]:
             for item in plan:
                 key = item.name
                 theta_0 = self.base.get_tensor(key)
@@ -728,14 +741,14 @@ class STAMerger:
                 if target_vector is not None and key in target_vector:
                     theta = theta_0.float() + self._tau(target_vector, key, theta_0)
                 if key not in vector:
-                    yield item, theta, None
+                    yield item, theta, None, None
                     continue
                 if scores is None:
                     edit = self._tau(vector, key, theta_0)
                 else:
                     importance = scores[key] if key in scores else torch.zeros(item.shape)
                     edit = forget_delta(self._tau(vector, key, theta_0), importance, **params)
-                yield item, theta, edit.mul_(-float(scaling))
+                yield item, theta, edit.mul_(-float(scaling)), None
 
         self._card_importance = [task] if scores is not None else []
         self.last_kept_fraction = {}
@@ -886,7 +899,7 @@ class STAMerger:
         if not getattr(self.base, "config", None):
             if adapter is not None:
                 raise ConfigError("An adapter result needs output_dir= when the base is not a transformers model.")
-            return dict(_full_tensors(deltas))
+            return {name: tensor for name, tensor, _ in _full_tensors(deltas)}
         # A transformers model: stream to a private temporary folder and let transformers (and PEFT) load it, so
         # tied weights, buffers and the config are handled exactly as from_pretrained does.
         tmp_root = Path(tempfile.mkdtemp(prefix="hf_sta-"))
@@ -931,8 +944,8 @@ class STAMerger:
                 tensors = _full_tensors(deltas)
                 try:
                     with intra_op_threads():
-                        for key, tensor in tensors:
-                            writer.write(key, tensor)
+                        for key, tensor, release in tensors:
+                            writer.write(key, tensor, on_written=release)
                     writer.finish()
                 finally:
                     tensors.close()  # stops the read-ahead thread, if the loop ended early
@@ -961,7 +974,7 @@ class STAMerger:
             raise ConfigError("An adapter output needs max_rank= or energy= to choose each module's LoRA rank.")
         report = write_lora_adapter(
             folder,
-            ((item.name, delta) for item, _, delta in deltas if delta is not None),
+            ((item.name, delta) for item, _, delta, _ in deltas if delta is not None),
             base_model_name_or_path=self.sources.get("base"),
             max_rank=options.get("max_rank"),
             energy=options.get("energy"),
@@ -1039,15 +1052,16 @@ class STAMerger:
 
 
 def _full_tensors(
-    deltas: Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None]],
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, theta + delta)`` in each tensor's planned dtype (math in fp32). Closing it closes ``deltas``."""
+    deltas: Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None, Callable[[], None] | None]],
+) -> Iterator[tuple[str, torch.Tensor, Callable[[], None] | None]]:
+    """``(name, theta + delta, release)`` in each tensor's planned dtype (math in fp32); ``release``, when not
+    ``None``, is to be called once the tensor has been written. Closing it closes ``deltas``."""
     try:
-        for item, theta, delta in deltas:
+        for item, theta, delta, release in deltas:
             if delta is None:
-                yield item.name, theta.to(item.dtype)
+                yield item.name, theta.to(item.dtype), release
             else:
-                yield item.name, delta.add_(theta.float()).to(item.dtype)
+                yield item.name, delta.add_(theta.float()).to(item.dtype), release
     finally:
         close = getattr(deltas, "close", None)
         if close is not None:

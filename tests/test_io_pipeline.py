@@ -3,6 +3,7 @@ safetensors writer."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -143,10 +144,12 @@ def test_background_writer_writes_the_same_bytes(tmp_path, budget):
         folder = tmp_path / str(background)
         folder.mkdir()
         writer = StreamingSafetensorsWriter(folder, plan, max_shard_size=budget, background=background)
+        written: list[str] = []
         for key, value in tensors.items():
-            writer.write(key, value)
+            writer.write(key, value, on_written=functools.partial(written.append, key))
         writer.finish()
         writer.abort()
+        assert written == list(tensors)  # each callback once its tensor is in the file
     files = sorted(path.name for path in (tmp_path / "False").iterdir())
     assert files == sorted(path.name for path in (tmp_path / "True").iterdir())
     assert (len(files) > 1) == (budget != "1GB")
@@ -166,11 +169,11 @@ def test_background_write_error_reaches_the_caller(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = StreamingSafetensorsWriter._write_bytes
 
-    def failing(self, shard, offset, data):
+    def failing(self, shard, offset, data, on_written=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError("disk full")
-        original(self, shard, offset, data)
+        original(self, shard, offset, data, on_written)
 
     monkeypatch.setattr(StreamingSafetensorsWriter, "_write_bytes", failing)
     writer = StreamingSafetensorsWriter(tmp_path, plan, background=True)

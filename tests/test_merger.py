@@ -159,11 +159,11 @@ def test_failure_midway_leaves_no_output(tmp_path, llama_checkpoints, monkeypatc
     original = checkpoints.StreamingSafetensorsWriter.write
     calls = {"n": 0}
 
-    def failing_write(self, name, tensor):
+    def failing_write(self, name, tensor, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError("disk full")
-        return original(self, name, tensor)
+        return original(self, name, tensor, **kwargs)
 
     monkeypatch.setattr(checkpoints.StreamingSafetensorsWriter, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
@@ -204,11 +204,11 @@ def test_background_write_failure_leaves_no_output(tmp_path, llama_checkpoints, 
     original = checkpoints.StreamingSafetensorsWriter._write_bytes
     calls = {"n": 0}
 
-    def failing_write(self, shard, offset, data):
+    def failing_write(self, shard, offset, data, on_written=None):
         calls["n"] += 1
         if calls["n"] == 4:
             raise OSError("disk full")
-        return original(self, shard, offset, data)
+        return original(self, shard, offset, data, on_written)
 
     monkeypatch.setattr(checkpoints.StreamingSafetensorsWriter, "_write_bytes", failing_write)
     threads = torch.get_num_threads()

@@ -20,7 +20,7 @@ import struct
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -536,10 +536,12 @@ class StreamingSafetensorsWriter:
             handle.write(self._headers[shard])
         return handle
 
-    def _write_bytes(self, shard: int, offset: int, data) -> None:
+    def _write_bytes(self, shard: int, offset: int, data, on_written: Callable[[], None] | None = None) -> None:
         handle = self._handle(shard)
         handle.seek(offset)
         handle.write(memoryview(data))
+        if on_written is not None:
+            on_written()
 
     def _submit(self, operation, *args) -> None:
         """Run a file operation now, or queue it for the background thread (started on first use)."""
@@ -576,8 +578,12 @@ class StreamingSafetensorsWriter:
             handle.close()
         self._handles.clear()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write tensor ``name`` of the plan (the next one, unless ``any_order``); shape and dtype must match it."""
+    def write(self, name: str, tensor: torch.Tensor, *, on_written: Callable[[], None] | None = None) -> None:
+        """Write tensor ``name`` of the plan (the next one, unless ``any_order``); shape and dtype must match it.
+
+        ``on_written`` is called (in the writing thread) once the tensor's bytes are in the file, e.g. to reuse its
+        memory; not after a failed write.
+        """
         if self.any_order:
             if name not in self._places or name in self._written:
                 state = "already written" if name in self._written else "not in the plan"
@@ -596,7 +602,7 @@ class StreamingSafetensorsWriter:
                 f"got {tuple(tensor.shape)} {tensor.dtype}."
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._submit(self._write_bytes, shard, offset, data)
+        self._submit(self._write_bytes, shard, offset, data, on_written)
         self._written.add(name)
         self._position += 1
 
