@@ -30,6 +30,7 @@ from .io.checkpoints import (
     fingerprint,
     open_checkpoint,
 )
+from .methods.selection import blocks
 
 logger = logging.getLogger(__name__)
 
@@ -362,11 +363,20 @@ class CheckpointTaskVector(TaskVector):
 
     def _delta_into(self, key: str, base_tensor: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         ft_key = self.alignment.pairs[key]
-        _read_float32(self.finetuned, ft_key, out)
+        what = f"Tensor '{ft_key}' of '{self.finetuned.name}' (task vector '{self.name}')"
         theta_0 = self.base.get_tensor(key) if base_tensor is None else base_tensor
+        if self.finetuned.dtype(ft_key) == torch.float32 and hasattr(self.finetuned, "read_range"):
+            # Block by block: each block is read, has theta_0 subtracted and is summed while it is in the cache.
+            flat, flat_base = out.view(-1), theta_0.reshape(-1)
+            total = torch.zeros((), dtype=torch.float32)
+            for start, stop in blocks(flat.numel()):
+                block = self.finetuned.read_range(ft_key, start, stop, flat[start:stop])
+                total += block.sub_(flat_base[start:stop]).sum()
+            return out if bool(torch.isfinite(total)) else _check_finite(out, what)
+        _read_float32(self.finetuned, ft_key, out)
         out.sub_(theta_0)  # computed in fp32 whatever theta_0's dtype: theta.float() - theta_0.float()
         # A NaN/inf in either model shows in the delta: one check covers both.
-        return _check_finite(out, f"Tensor '{ft_key}' of '{self.finetuned.name}' (task vector '{self.name}')")
+        return _check_finite(out, what)
 
     @property
     def model_hash(self) -> str:

@@ -258,6 +258,31 @@ def test_reader_reads_into_a_given_buffer(tmp_path):
     _assert_same(out, tensors["bf16"])
 
 
+@pytest.mark.parametrize("source_kind", ["safetensors", "pickle", "state_dict"])
+def test_read_range_equals_a_slice_of_the_tensor(tmp_path, source_kind):
+    tensors = _many_dtypes()
+    if source_kind == "safetensors":
+        save_file(tensors, tmp_path / "model.safetensors")
+        source = CheckpointReader(tmp_path)
+    elif source_kind == "pickle":
+        torch.save(tensors, tmp_path / "pytorch_model.bin")
+        source = CheckpointReader(tmp_path)
+    else:
+        source = open_checkpoint(tensors)
+    for key in ("f32", "f16", "bf16", "i64"):
+        flat = tensors[key].reshape(-1)  # oracle: a slice of the whole tensor
+        for start, stop in ((0, flat.numel()), (0, 1), (3, 8), (flat.numel() - 2, flat.numel()), (5, 5)):
+            out = torch.full((stop - start,), 7, dtype=flat.dtype)
+            assert source.read_range(key, start, stop, out) is out
+            assert torch.equal(out.view(torch.uint8), flat[start:stop].contiguous().view(torch.uint8))
+    with pytest.raises(ValueError, match="out of range"):
+        source.read_range("f32", 5, 3, torch.empty(0))
+    with pytest.raises(ValueError, match="out of range"):
+        source.read_range("f32", 0, 10_000, torch.empty(10_000))
+    with pytest.raises(ValueError, match="contiguous CPU tensor of 4 torch.float32"):
+        source.read_range("f32", 0, 4, torch.empty(4, dtype=torch.float64))
+
+
 def test_reader_reports_truncated_file_with_file_and_key(tmp_path):
     save_file({"a": torch.ones(100), "b": torch.arange(50.0)}, tmp_path / "model.safetensors")
     reader = CheckpointReader(tmp_path)  # headers are read now, data later

@@ -32,10 +32,17 @@ def test_nothing_is_read_until_asked(bert_checkpoints, monkeypatch):
     from hf_sta.io.checkpoints import CheckpointReader
 
     calls = []
-    original = CheckpointReader.get_tensor
+    original, original_range = CheckpointReader.get_tensor, CheckpointReader.read_range
     monkeypatch.setattr(
         CheckpointReader, "get_tensor", lambda self, key, out=None: calls.append(key) or original(self, key, out)
     )
+
+    def read_range(self, key, *args):  # fp32 fine-tuned tensors are read block by block: count the tensor once
+        if key not in calls:
+            calls.append(key)
+        return original_range(self, key, *args)
+
+    monkeypatch.setattr(CheckpointReader, "read_range", read_range)
     vector = TaskVector.from_pretrained(bert_checkpoints.base, bert_checkpoints.finetuned["news"])
     assert calls == []
     vector["pooler.dense.weight"]
@@ -169,6 +176,28 @@ def test_get_into_a_reused_buffer(tmp_path, finetuned_dtype):
         vector.get("a", out=torch.empty(30))
     with pytest.raises(ValueError, match="fp32"):
         vector.get("a", out=torch.empty(6, 5, dtype=torch.float64))
+
+
+def test_blocked_read_into_a_buffer_matches_and_finds_a_late_nan(tmp_path, monkeypatch):
+    from hf_sta.methods import selection
+
+    monkeypatch.setattr(selection, "BLOCK_SIZE", 7)  # the fine-tuned tensor is read, subtracted and checked in blocks
+    generator = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(9, 5, generator=generator), "h": torch.randn(9, 5, generator=generator).half()}
+    finetuned = {"w": torch.randn(9, 5, generator=generator), "h": torch.randn(9, 5, generator=generator)}
+    for name, state in (("base", base), ("ft", finetuned)):
+        (tmp_path / name).mkdir()
+        save_file(state, tmp_path / name / "model.safetensors")
+    vector = TaskVector.from_pretrained(tmp_path / "base", tmp_path / "ft", name="ft")
+    for key in ("w", "h"):
+        out = torch.empty(9, 5)
+        assert vector.get(key, out=out) is out
+        assert torch.equal(out, finetuned[key] - base[key].float())  # oracle: plain tensors
+    finetuned["w"][8, 4] = float("nan")  # in the last block
+    save_file(finetuned, tmp_path / "ft" / "model.safetensors")
+    vector = TaskVector.from_pretrained(tmp_path / "base", tmp_path / "ft", name="ft")
+    with pytest.raises(CheckpointError, match="'w'.*1 NaN/inf"):
+        vector.get("w", out=torch.empty(9, 5))
 
 
 def test_nan_is_reported_when_read_into_a_buffer():

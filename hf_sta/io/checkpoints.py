@@ -180,6 +180,20 @@ def _copy_into(out: torch.Tensor, tensor: torch.Tensor, key: str, where: str) ->
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 
 
+def _check_range(
+    out: torch.Tensor, start: int, stop: int, numel: int, dtype: torch.dtype, key: str, where: str
+) -> None:
+    if not 0 <= start <= stop <= numel:
+        raise ValueError(
+            f"Entries [{start}, {stop}) are out of range for tensor '{key}' of {numel} entries ({where})."
+        )
+    if out.dtype != dtype or out.numel() != stop - start or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(
+            f"out= for entries [{start}, {stop}) of '{key}' ({where}) must be a contiguous CPU tensor of "
+            f"{stop - start} {dtype} entries, got {out.numel()} {out.dtype} on {out.device}"
+        )
+
+
 def _read_into(handle, start: int, end: int, out: torch.Tensor, key: str) -> None:
     """Copy bytes ``[start, end)`` of the open file ``handle`` into the contiguous tensor ``out`` (native order)."""
     if start == end:
@@ -225,6 +239,12 @@ class StateDictSource:
     def get_tensor(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         tensor = self._tensors[key]
         return tensor if out is None else _copy_into(out, tensor, key, self.name)
+
+    def read_range(self, key: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Entries ``[start, stop)`` of tensor ``key`` (flat order) copied into ``out``; see ``CheckpointReader``."""
+        tensor = self._tensors[key]
+        _check_range(out, start, stop, tensor.numel(), tensor.dtype, key, self.name)
+        return out.copy_(tensor.reshape(-1)[start:stop].view(out.shape))
 
     def close(self) -> None:
         pass
@@ -367,13 +387,7 @@ class CheckpointReader:
             raise CheckpointError(f"Tensor '{key}' is not in checkpoint '{self.path}'.")
         file = self._key_to_file[key]
         with self._lock:
-            if file != self._open_file:
-                self._close()
-                if self._pickled:
-                    self._open_handle = self._load_pickled(file)
-                else:  # unbuffered: reads go straight into the tensors; closed by close() (or when collected)
-                    self._open_handle = open(file, "rb", buffering=0)  # noqa: SIM115
-                self._open_file = file
+            self._open(file)
             if self._pickled:
                 tensor = self._open_handle[key]
                 return tensor if out is None else _copy_into(out, tensor, key, str(file))
@@ -385,6 +399,34 @@ class CheckpointReader:
             start, end = self._spans[key]
             _read_into(self._open_handle, start, end, out, key)
             return out
+
+    def read_range(self, key: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Entries ``[start, stop)`` of tensor ``key`` in flat (row-major) order, read into ``out`` (contiguous,
+        ``stop - start`` entries of the tensor's dtype), which is returned: one block of a tensor without the rest,
+        so that a caller can work on it while it is still in the CPU cache."""
+        if key not in self._key_to_file:
+            raise CheckpointError(f"Tensor '{key}' is not in checkpoint '{self.path}'.")
+        shape, dtype = self._meta[key]
+        _check_range(out, start, stop, math.prod(shape), dtype, key, self.name)
+        file = self._key_to_file[key]
+        with self._lock:
+            self._open(file)
+            if self._pickled:
+                return out.copy_(self._open_handle[key].reshape(-1)[start:stop].view(out.shape))
+            first, _ = self._spans[key]
+            size = out.element_size()
+            _read_into(self._open_handle, first + start * size, first + stop * size, out, key)
+            return out
+
+    def _open(self, file: Path) -> None:
+        """Make ``file`` the open shard (closing the previous one); the caller holds the lock."""
+        if file != self._open_file:
+            self._close()
+            if self._pickled:
+                self._open_handle = self._load_pickled(file)
+            else:  # unbuffered: reads go straight into the tensors; closed by close() (or when collected)
+                self._open_handle = open(file, "rb", buffering=0)  # noqa: SIM115
+            self._open_file = file
 
     def close(self) -> None:
         with self._lock:

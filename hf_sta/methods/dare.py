@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .registry import Parameter, check_kernel_inputs, register_merge_method
+from .selection import block_size
 from .task_arithmetic import task_arithmetic
 from .ties import MAJORITY_SIGN_METHOD, sign_elected_disjoint_mean
 
@@ -135,8 +136,7 @@ def _drop_into(
     out: torch.Tensor, task_tensor: torch.Tensor, keep: torch.Tensor, density: float, rescale: bool
 ) -> torch.Tensor:
     """``out = task_tensor * keep [/ density]`` for a bool mask ``keep``, as PEFT's ``tensor * mask / density``."""
-    out.copy_(keep.view(torch.uint8))  # 1.0 kept, 0.0 dropped: uint8 -> float is a fast copy, bool -> float is not
-    out.mul_(task_tensor)
+    torch.mul(task_tensor, keep.view(torch.uint8), out=out)  # times 1 or 0 (promoted to float): the same bits
     if rescale:
         out.div_(density)  # divide (not multiply by 1/density): bit-identical to PEFT
     return out
@@ -239,14 +239,18 @@ def dare_ties(
         for task in range(num_tasks):
             dare_keep_mask(numel, density, generator=generator, device=flat.device, out=keeps[task])
 
+    # Each block's dropped x_t are kept (T block-sized buffers) for the agreement pass instead of being rebuilt.
+    dropped = torch.empty((num_tasks, block_size(numel, flat.device)), dtype=flat.dtype, device=flat.device)
+
     def dropped_task(task: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         values = flat[task, start:stop]
         if keeps is None:
-            return out.copy_(values)
-        return _drop_into(out, values, keeps[task, start:stop], density, rescale)
+            return values
+        return _drop_into(dropped[task, : stop - start], values, keeps[task, start:stop], density, rescale)
 
     def agreeing_task(task: int, start: int, stop: int, majority_sign: torch.Tensor, out: torch.Tensor):
-        return dropped_task(task, start, stop, out).mul_(majority_sign).clamp_(min=0)
+        values = flat[task, start:stop] if keeps is None else dropped[task, : stop - start]
+        return torch.mul(values, majority_sign, out=out).clamp_(min=0)
 
     merged = sign_elected_disjoint_mean(
         dropped_task,

@@ -49,8 +49,9 @@ def sign_elected_disjoint_mean(
     the block of the result is written once. Besides the result nothing of size ``N`` is allocated.
 
     Args:
-        trimmed_task: ``trimmed_task(t, start, stop, out)`` writes ``x_t[start:stop]`` into ``out`` (``stop - start``
-            entries) and returns it.
+        trimmed_task: ``trimmed_task(t, start, stop, out)`` returns ``x_t[start:stop]``, written into ``out``
+            (``stop - start`` entries) or into a buffer of the kernel's own that stays unchanged until the block's
+            ``agreeing_task`` calls are done (a kernel that keeps its ``x_t`` blocks to reuse them there).
         agreeing_task: ``agreeing_task(t, start, stop, gamma, out)`` writes ``relu(gamma * x_t[start:stop])``
             (``|x_t|`` where ``sign(x_t) == gamma``, else 0) into ``out`` and returns it; kernels fuse it with their
             trim.
@@ -74,12 +75,14 @@ def sign_elected_disjoint_mean(
     for start, stop in blocks(numel, device):
         width = stop - start
         score, work, counted = election[:width], scratch[:width], count[:width]
-        trimmed_task(0, start, stop, score)
+        first = trimmed_task(0, start, stop, score)
         if frequency:
-            score.sign_()
+            torch.sign(first, out=score)
+        elif first is not score:
+            score.copy_(first)
         for task in range(1, num_tasks):
             trimmed = trimmed_task(task, start, stop, work)
-            score.add_(trimmed.sign_() if frequency else trimmed)
+            score.add_(torch.sign(trimmed, out=work) if frequency else trimmed)
         # gamma = +1 where the score is >= +0, -1 elsewhere, in place.
         majority_sign = torch.copysign(one, score, out=score)
         block = merged[start:stop]
