@@ -9,7 +9,9 @@ int64 indices. Here the mask is built from a threshold instead:
    cut-off from a fixed pseudo-random sample, counts the entries above a narrow bracket around it and runs
    ``torch.kthvalue`` only on the (small) bracket, whose flat positions it keeps, so that entries tied at the
    cut-off are located without another pass; it falls back to ``torch.kthvalue`` on the whole tensor when the
-   bracket misses (rare, or with massive ties).
+   bracket misses (rare, or with massive ties). The count and the bracket come from one pass over the tensor,
+   block by block (``blocks``), through NumPy on CPU; ``topk_cutoff(tau, k, magnitude=True)`` ranks ``|tau|``
+   without materialising it.
 2. ``topk_mask`` keeps every entry ``> t`` and, among the entries ``== t``, the ones with the lowest flat
    (row-major) index until exactly ``k`` are kept.
 
@@ -22,10 +24,10 @@ of a tied group, and only the entries away from the cut-off are guaranteed to ag
 NaN scores are not supported: a ``ValueError`` is raised when they are detected (always on the ``kthvalue`` path,
 when the sample holds one on the sampled path); undetected NaNs are never selected.
 
-Timing (torch 2.13, CPU, 50M-element fp32 ``|randn|``, ``k = 0.2 * n``; a shared 2-core machine, so best of a few
-runs): one thread, CPU time: ``torch.topk`` + scatter 1.03 s, ``torch.kthvalue`` + ``>=`` 0.96 s, ``topk_mask``
-0.20 s; two threads, wall time under load: 0.79 s, 0.71 s and 0.42 s. Below ``2**16`` entries the plain
-``kthvalue`` path is as fast and is used. To check on another machine::
+Timing (torch 2.13, CPU, 50M-element fp32 ``|randn|``, ``k = 0.2 * n``; the 2-core benchmark machine, idle, best of
+3): ``torch.topk`` + scatter 1.95 s, ``torch.kthvalue`` + ``>=`` 0.66 s, ``topk_mask`` 0.11 s, with one thread as
+with two (the blocked NumPy sweep is single-threaded). Below ``2**16`` entries the plain ``kthvalue`` path is as
+fast and is used. To check on another machine::
 
     python -c "import time, torch; from hf_sta.methods.selection import topk_mask; x = torch.randn(50_000_000).abs_();
     t = time.perf_counter(); topk_mask(x, 10_000_000); print(time.perf_counter() - t)"
