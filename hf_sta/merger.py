@@ -589,6 +589,9 @@ class STAMerger:
     ):
         """Merge the task vectors: ``theta = theta_0 + scaling * method({tau_t}, weights, **params)``.
 
+        Tensors are read and merged by two worker threads while a third writes finished ones; for the duration
+        torch's intra-op threads are set to ``(n - 1) // 2`` (restored after). The result does not depend on it.
+
         Args:
             method: a registered merge method (``sta``, ``average``, ``task_arithmetic``, ``ties``, ``dare_linear``,
                 ``dare_ties``, ``magnitude_prune``, ``breadcrumbs``, ...). ``sta`` needs importance scores
