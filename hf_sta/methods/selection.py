@@ -73,8 +73,7 @@ _TIE_BLOCK = 1 << 16
 # ten in-place passes over 28M entries: 63 ms unblocked, 31 ms with blocks of 2**18 or 2**20, 38 ms with 2**16
 # (per-call overhead), 45 ms with 2**22.
 BLOCK_SIZE = 1 << 18
-# Score dtypes whose threshold sweep runs through NumPy on CPU (``_bracket_sweep_numpy``); others (bfloat16) and
-# other devices use torch.
+# Score dtypes the threshold sweep reads through NumPy views as they are; others (bfloat16) are converted per block.
 _NUMPY_DTYPES = frozenset(
     {torch.float16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8}
 )
@@ -174,8 +173,7 @@ def _sampled_bracket_cutoff(flat: torch.Tensor, k: int, magnitude: bool) -> Topk
     hi = _kthvalue_largest(sample, hi_rank + 1) if hi_rank >= 0 else None
     lo = _kthvalue_largest(sample, lo_rank + 1) if lo_rank < s else None
 
-    sweep = _bracket_sweep_numpy if flat.device.type == "cpu" and flat.dtype in _NUMPY_DTYPES else _bracket_sweep
-    found = sweep(flat, k, lo, hi, magnitude)
+    found = _bracket_sweep(flat, k, lo, hi, magnitude)
     if found is None:  # hi below the cut-off
         return None
     count_above_bracket, positions, bracket = found
@@ -186,66 +184,37 @@ def _sampled_bracket_cutoff(flat: torch.Tensor, k: int, magnitude: bool) -> Topk
     count_above = count_above_bracket + int(torch.count_nonzero(bracket > threshold))
     tied = positions[bracket == threshold]
     split = n if count_above + tied.numel() == k else int(tied[k - count_above - 1]) + 1
-    return TopkCutoff(threshold=threshold, split=split, k=k)
+    return TopkCutoff(threshold=threshold.to(flat.dtype), split=split, k=k)  # exact: a value of flat
 
 
 def _bracket_sweep(
     flat: torch.Tensor, k: int, lo: torch.Tensor | None, hi: torch.Tensor | None, magnitude: bool
 ) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-    """One blocked pass over ``s = flat`` (``|flat|`` with ``magnitude``): ``(#(s > hi), positions, values)`` of the
-    bracket ``lo <= s <= hi`` (positions ascending), or ``None`` as soon as ``#(s > hi) >= k``. A missing ``hi``
-    (``lo``) leaves the bracket open above (below)."""
-    n = flat.numel()
-    size = block_size(n, flat.device)
-    magnitudes = torch.empty(size, dtype=flat.dtype, device=flat.device) if magnitude else None
-    above_hi = torch.empty(size, dtype=torch.bool, device=flat.device)
-    in_bracket = torch.empty(size, dtype=torch.bool, device=flat.device)
-    count_above_bracket = 0
-    positions, values = [], []
-    for start, stop in blocks(n, flat.device):
-        width = stop - start
-        block = flat[start:stop] if magnitudes is None else torch.abs(flat[start:stop], out=magnitudes[:width])
-        above = None
-        if hi is not None:
-            above = torch.gt(block, hi, out=above_hi[:width])
-            count_above_bracket += int(torch.count_nonzero(above))
-            if count_above_bracket >= k:
-                return None
-        if lo is not None:
-            inside = torch.ge(block, lo, out=in_bracket[:width])
-            if above is not None:  # x > hi implies x >= lo: [x >= lo] - [x > hi] is [lo <= x <= hi], bytewise
-                inside.view(torch.uint8).sub_(above.view(torch.uint8))
-        else:
-            inside = torch.le(block, hi, out=in_bracket[:width])
-        local = torch.nonzero(inside).view(-1)  # ascending
-        values.append(torch.index_select(block, 0, local))
-        positions.append(local.add_(start))
-    return count_above_bracket, torch.cat(positions), torch.cat(values)
+    """One blocked pass over ``s = flat`` (``|flat|`` with ``magnitude``), a 1-D CPU tensor: ``(#(s > hi), positions,
+    values)`` of the bracket ``lo <= s <= hi`` (positions ascending), or ``None`` as soon as ``#(s > hi) >= k``. A
+    missing ``hi`` (``lo``) leaves the bracket open above (below).
 
-
-def _bracket_sweep_numpy(
-    flat: torch.Tensor, k: int, lo: torch.Tensor | None, hi: torch.Tensor | None, magnitude: bool
-) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-    """``_bracket_sweep`` on CPU through NumPy views of the same memory (no copy of ``flat``).
-
-    The sweep is comparisons into bool masks, their counts and the positions of a sparse mask, which NumPy runs
-    several times faster than torch on CPU (2**18 fp32 entries, 2-core benchmark machine: ``>`` 16 us vs 106 us,
-    bool count 10 us vs 43 us, positions of a 2% mask 44 us vs 210 us), single-threaded. Same results: comparisons
-    are exact in the scores' dtype and NaNs compare False in both.
+    Through NumPy views of the same memory (no copy of ``flat``): the sweep is comparisons into bool masks, their
+    counts and the positions of a sparse mask, which NumPy runs several times faster than torch on CPU (2**18 fp32
+    entries, 2-core benchmark machine: ``>`` 16 us vs 106 us, bool count 10 us vs 43 us, positions of a 2% mask 44 us
+    vs 210 us), single-threaded. Dtypes NumPy lacks (bfloat16) are converted block by block to fp32, exactly; the
+    values come back in fp32 then. Comparisons are exact and NaNs compare False, as in torch.
     """
-    array = flat.detach().numpy()
-    n = array.shape[0]
+    native = flat.dtype in _NUMPY_DTYPES
+    array = flat.detach().numpy() if native else None
+    n = flat.numel()
     size = block_size(n)
-    magnitudes = np.empty(size, dtype=array.dtype) if magnitude else None
+    magnitudes = np.empty(size, dtype=array.dtype if native else np.float32) if magnitude else None
     above_hi = np.empty(size, dtype=np.bool_)
     in_bracket = np.empty(size, dtype=np.bool_)
-    hi_value = None if hi is None else hi.numpy()
-    lo_value = None if lo is None else lo.numpy()
+    hi_value = None if hi is None else (hi if native else hi.float()).numpy()
+    lo_value = None if lo is None else (lo if native else lo.float()).numpy()
     count_above_bracket = 0
     positions, values = [], []
     for start, stop in blocks(n):
         width = stop - start
-        block = array[start:stop] if magnitudes is None else np.abs(array[start:stop], out=magnitudes[:width])
+        chunk = array[start:stop] if native else flat[start:stop].float().numpy()
+        block = chunk if magnitudes is None else np.abs(chunk, out=magnitudes[:width])
         above = None
         if hi_value is not None:
             above = np.greater(block, hi_value, out=above_hi[:width])
@@ -316,8 +285,9 @@ def topk_cutoff(scores: torch.Tensor, k: int, *, magnitude: bool = False) -> Top
     """The cut-off of the ``k`` largest ``scores`` (``|scores|`` with ``magnitude``), ties broken by lowest flat
     index (see ``TopkCutoff``).
 
-    For tensors of at least ``2**16`` entries the threshold comes from a sampled bracket (one blocked sweep, no
-    full-size temporary), otherwise, or when the bracket misses, from ``torch.kthvalue`` over the whole tensor.
+    On CPU, for tensors of at least ``2**16`` entries, the threshold comes from a sampled bracket (one blocked sweep,
+    no full-size temporary); otherwise (smaller tensors, other devices), or when the bracket misses, from
+    ``torch.kthvalue`` over the whole tensor.
 
     Args:
         scores: real tensor of any shape, floating or integer, without NaN. Not modified.
@@ -330,7 +300,8 @@ def topk_cutoff(scores: torch.Tensor, k: int, *, magnitude: bool = False) -> Top
     if k == 0:
         raise ValueError("k must be >= 1 for a cut-off (nothing is selected with k = 0)")
     flat = scores.reshape(-1)
-    found = _sampled_bracket_cutoff(flat, k, magnitude) if numel >= _SAMPLING_MIN_NUMEL else None
+    sampled = numel >= _SAMPLING_MIN_NUMEL and flat.device.type == "cpu"
+    found = _sampled_bracket_cutoff(flat, k, magnitude) if sampled else None
     if found is not None:
         return found
     if magnitude:
