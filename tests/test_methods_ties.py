@@ -105,10 +105,8 @@ def test_bad_majority_sign_method():
             lambda task, start, stop, out: out,
             lambda task, start, stop, sign, out: out,
             torch.ones(2),
-            3,
-            dtype=torch.float32,
-            device=torch.device("cpu"),
-            majority_sign_method="mean",
+            torch.zeros(2, 3),
+            "mean",
         )
 
 

@@ -252,13 +252,4 @@ def dare_ties(
         values = flat[task, start:stop] if keeps is None else dropped[task, : stop - start]
         return torch.mul(values, majority_sign, out=out).clamp_(min=0)
 
-    merged = sign_elected_disjoint_mean(
-        dropped_task,
-        agreeing_task,
-        weights,
-        numel,
-        dtype=flat.dtype,
-        device=flat.device,
-        majority_sign_method=majority_sign_method,
-    )
-    return merged.view(shape)
+    return sign_elected_disjoint_mean(dropped_task, agreeing_task, weights, flat, majority_sign_method).view(shape)

@@ -24,10 +24,7 @@ def sign_elected_disjoint_mean(
     trimmed_task: Callable[[int, int, int, torch.Tensor], torch.Tensor],
     agreeing_task: Callable[[int, int, int, torch.Tensor, torch.Tensor], torch.Tensor],
     weights: torch.Tensor,
-    numel: int,
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
+    task_tensors: torch.Tensor,
     majority_sign_method: str = "total",
 ) -> torch.Tensor:
     """TIES sign election and disjoint weighted mean over trimmed task vectors, as ``peft.utils.merge_utils.ties``.
@@ -56,8 +53,7 @@ def sign_elected_disjoint_mean(
             (``|x_t|`` where ``sign(x_t) == gamma``, else 0) into ``out`` and returns it; kernels fuse it with their
             trim.
         weights: ``[T]`` per-task weights, on the device and dtype of the task tensors.
-        numel: ``N``.
-        dtype, device: of the task tensors and the result.
+        task_tensors: the ``[T, N]`` flat task vectors the callbacks read: gives ``N``, the dtype and the device.
         majority_sign_method: ``"total"`` or ``"frequency"``.
 
     Returns:
@@ -65,7 +61,8 @@ def sign_elected_disjoint_mean(
     """
     if majority_sign_method not in MAJORITY_SIGN_METHOD.choices:
         raise ValueError(f"majority_sign_method must be one of 'total', 'frequency', got {majority_sign_method!r}")
-    num_tasks = weights.shape[0]
+    num_tasks, numel = task_tensors.shape
+    dtype, device = task_tensors.dtype, task_tensors.device
     frequency = majority_sign_method == "frequency"
     unit_weights = (weights == 1).tolist()
     size = block_size(numel, device)
@@ -161,13 +158,4 @@ def ties(
         cutoff = cutoffs[task]
         return signed.clamp_(min=0) if cutoff is None else signed_trim_(signed, cutoff, offset=start)
 
-    merged = sign_elected_disjoint_mean(
-        trimmed_task,
-        agreeing_task,
-        weights,
-        numel,
-        dtype=flat.dtype,
-        device=flat.device,
-        majority_sign_method=majority_sign_method,
-    )
-    return merged.view(shape)
+    return sign_elected_disjoint_mean(trimmed_task, agreeing_task, weights, flat, majority_sign_method).view(shape)
