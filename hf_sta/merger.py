@@ -507,14 +507,13 @@ class STAMerger:
         *,
         ordered: bool = True,
         combine: bool = False,
-        pooled: bool = False,
     ) -> Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None, Callable[[], None] | None]]:
         """Yield ``(item, theta_0, scaling * method(stack_t tau_t), None)`` for every base tensor (the delta is
         ``None`` for tensors no task vector touches), in plan order, or with ``ordered=False`` as each is ready.
 
         With ``combine`` the worker threads also add the two: ``(item, theta_0 + delta in the item's dtype, None,
-        release)``. With ``pooled`` as well, an fp32 result is built in a reused buffer, and ``release`` (else
-        ``None``) must be called once it has been written: the buffer goes back to the pool.
+        release)``. Unordered results go to a writer: an fp32 one is then built in a reused buffer, and ``release``
+        (else ``None``) must be called once it has been written, to give the buffer back.
         """
         vectors = [self.task_vectors[t] for t in tasks]
         params = dict(config.params)
@@ -551,7 +550,7 @@ class STAMerger:
             pool.release(stacked)
             delta.mul_(config.scaling)
             stats = tensor_params.get("stats", {})
-            if combine and pooled and theta_0.dtype == item.dtype == torch.float32:
+            if combine and not ordered and theta_0.dtype == item.dtype == torch.float32:
                 # theta_0 + delta in theta_0's buffer (the same bits as delta + theta_0), back to the pool once written
                 output = theta_0.add_(delta)
                 return item, output, None, functools.partial(pool.release, output), stats
@@ -651,11 +650,9 @@ class STAMerger:
         # Safetensors output (to disk, or through a temporary folder for a transformers model) is written at each
         # tensor's place in the file whatever the order; a state dict or an adapter is built in plan order.
         streamed = output_dir is not None or bool(getattr(self.base, "config", None))
-        ordered = config.output_format == "adapter" or not streamed
         adapter = config.output_format == "adapter"
-        deltas = self._deltas(
-            config, spec, tasks, weights, plan, ordered=ordered, combine=not adapter, pooled=streamed and not adapter
-        )
+        ordered = adapter or not streamed
+        deltas = self._deltas(config, spec, tasks, weights, plan, ordered=ordered, combine=not adapter)
         return self._emit(
             deltas,
             plan,
