@@ -10,7 +10,6 @@ from hf_sta.methods.selection import (
     density_to_k,
     kth_largest_threshold,
     magnitude_trim,
-    signed_trim_,
     topk_cutoff,
     topk_mask,
     topk_mask_per_row,
@@ -156,23 +155,6 @@ def test_cutoff_and_magnitude_trim_match_mask(path, dtype):
             start, stop = max(start, 0), min(stop, values.numel())
             block = magnitude_trim(values[start:stop], cutoff, offset=start)
             assert torch.equal(block, expected[start:stop])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_signed_trim_is_relu_of_signed_magnitude_trim(path, dtype):
-    generator = torch.Generator().manual_seed(7)
-    values = torch.randint(-5, 6, (3000,), generator=generator).to(dtype)
-    sign = torch.randint(0, 2, (3000,), generator=generator).to(dtype) * 2 - 1
-    for k in (1, 500, 1234, 2999):
-        cutoff = topk_cutoff(values.abs(), k)
-        expected = (sign * magnitude_trim(values, cutoff)).clamp(min=0)
-        signed = sign * values
-        assert signed_trim_(signed, cutoff) is signed and torch.equal(signed, expected)
-        assert (signed >= 0).all()
-        for start, stop in ((0, cutoff.split), (cutoff.split - 1, cutoff.split + 1), (1500, 3000)):
-            start, stop = max(start, 0), min(stop, values.numel())
-            block = (sign * values)[start:stop].contiguous()
-            assert torch.equal(signed_trim_(block, cutoff, offset=start), expected[start:stop])
 
 
 def test_magnitude_trim_keeps_threshold_itself():

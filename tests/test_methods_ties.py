@@ -103,7 +103,6 @@ def test_bad_majority_sign_method():
     with pytest.raises(ValueError, match="majority_sign_method must be one of"):
         sign_elected_disjoint_mean(
             lambda task, start, stop, out: out,
-            lambda task, start, stop, sign, out: out,
             torch.ones(2),
             torch.zeros(2, 3),
             "mean",

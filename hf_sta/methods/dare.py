@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from .registry import Parameter, check_kernel_inputs, register_merge_method
-from .selection import block_size
 from .task_arithmetic import task_arithmetic
 from .ties import MAJORITY_SIGN_METHOD, sign_elected_disjoint_mean
 
@@ -239,17 +238,8 @@ def dare_ties(
         for task in range(num_tasks):
             dare_keep_mask(numel, density, generator=generator, device=flat.device, out=keeps[task])
 
-    # Each block's dropped x_t are kept (T block-sized buffers) for the agreement pass instead of being rebuilt.
-    dropped = torch.empty((num_tasks, block_size(numel, flat.device)), dtype=flat.dtype, device=flat.device)
-
     def dropped_task(task: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         values = flat[task, start:stop]
-        if keeps is None:
-            return values
-        return _drop_into(dropped[task, : stop - start], values, keeps[task, start:stop], density, rescale)
+        return values if keeps is None else _drop_into(out, values, keeps[task, start:stop], density, rescale)
 
-    def agreeing_task(task: int, start: int, stop: int, majority_sign: torch.Tensor, out: torch.Tensor):
-        values = flat[task, start:stop] if keeps is None else dropped[task, : stop - start]
-        return torch.mul(values, majority_sign, out=out).clamp_(min=0)
-
-    return sign_elected_disjoint_mean(dropped_task, agreeing_task, weights, flat, majority_sign_method).view(shape)
+    return sign_elected_disjoint_mean(dropped_task, weights, flat, majority_sign_method).view(shape)

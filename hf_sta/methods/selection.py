@@ -51,7 +51,6 @@ __all__ = [
     "density_to_k",
     "kth_largest_threshold",
     "magnitude_trim",
-    "signed_trim_",
     "topk_cutoff",
     "topk_mask",
     "topk_mask_per_row",
@@ -408,33 +407,6 @@ def magnitude_trim(
     if split < flat_values.numel():
         torch.ops.aten.hardshrink.out(flat_values[split:], at, out=flat_out[split:])
     return out
-
-
-def signed_trim_(signed: torch.Tensor, cutoff: TopkCutoff, *, offset: int = 0) -> torch.Tensor:
-    """In place: ``v_i`` where ``v_i >= t`` (flat ``i < cutoff.split``) or ``v_i > t`` (``i >= split``), else ``0``.
-
-    For ``v = gamma * tau`` (``gamma`` in ``{-1, +1}`` per entry) and ``cutoff = topk_cutoff(|tau|, k)``, this is
-    ``relu(gamma * magnitude_trim(tau, cutoff))``: the magnitudes of the kept entries of ``tau`` whose sign is
-    ``gamma``, zero elsewhere (entries kept at a threshold of 0 are zeros either way). One pass of
-    ``torch.threshold`` (``x if x > l else 0``, with ``l`` as in ``magnitude_trim``), no mask.
-
-    Args:
-        signed: contiguous floating tensor, overwritten.
-        cutoff: ``topk_cutoff`` of the magnitudes (any shape with the same flat order), threshold ``>= 0``.
-        offset: flat index of ``signed``'s first entry in the tensor the cut-off was computed on (see
-            ``magnitude_trim``).
-
-    Returns:
-        ``signed``.
-    """
-    flat = signed.view(-1)
-    below, at = cutoff.levels(signed.dtype)
-    split = _split_in(cutoff, offset, flat.numel())
-    if split > 0:
-        torch.threshold_(flat[:split], below, 0.0)
-    if split < flat.numel():
-        torch.threshold_(flat[split:], at, 0.0)
-    return signed
 
 
 def topk_mask_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:

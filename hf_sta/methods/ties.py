@@ -8,7 +8,7 @@ import torch
 
 from .magnitude_prune import DENSITY
 from .registry import Parameter, check_kernel_inputs, register_merge_method
-from .selection import TopkCutoff, block_size, blocks, density_to_k, magnitude_trim, signed_trim_, topk_cutoff
+from .selection import TopkCutoff, block_size, blocks, density_to_k, magnitude_trim, topk_cutoff
 
 MAJORITY_SIGN_METHOD = Parameter(
     "majority_sign_method",
@@ -21,8 +21,7 @@ MAJORITY_SIGN_METHOD = Parameter(
 
 
 def sign_elected_disjoint_mean(
-    trimmed_task: Callable[[int, int, int, torch.Tensor], torch.Tensor],
-    agreeing_task: Callable[[int, int, int, torch.Tensor, torch.Tensor], torch.Tensor],
+    task_block: Callable[[int, int, int, torch.Tensor], torch.Tensor],
     weights: torch.Tensor,
     task_tensors: torch.Tensor,
     majority_sign_method: str = "total",
@@ -41,19 +40,17 @@ def sign_elected_disjoint_mean(
     ``gamma`` is exact; a weight of 1 is not multiplied). ``gamma = copysign(1, s)`` in one pass: ``s`` is ``-0``
     only where every ``x_t`` is zero, where no task agrees and ``gamma`` does not matter.
 
-    Everything is entrywise, so it runs block by block (``selection.blocks``): for each block the ``T`` trims, the
-    election and the ``T`` agreeing terms are computed in four block-sized buffers that stay in the CPU caches, and
-    the block of the result is written once. Besides the result nothing of size ``N`` is allocated.
+    Everything is entrywise, so it runs block by block (``selection.blocks``): for each block the ``T`` blocks
+    ``x_t`` are built once into block-sized buffers that stay in the CPU caches and serve both the election and the
+    agreement pass, and the block of the result is written once. Besides the result nothing of size ``N`` is
+    allocated, and each task vector is read from memory once.
 
     Args:
-        trimmed_task: ``trimmed_task(t, start, stop, out)`` returns ``x_t[start:stop]``, written into ``out``
-            (``stop - start`` entries) or into a buffer of the kernel's own that stays unchanged until the block's
-            ``agreeing_task`` calls are done (a kernel that keeps its ``x_t`` blocks to reuse them there).
-        agreeing_task: ``agreeing_task(t, start, stop, gamma, out)`` writes ``relu(gamma * x_t[start:stop])``
-            (``|x_t|`` where ``sign(x_t) == gamma``, else 0) into ``out`` and returns it; kernels fuse it with their
-            trim.
+        task_block: ``task_block(t, start, stop, out)`` returns ``x_t[start:stop]``: written into ``out`` (a buffer
+            of ``stop - start`` entries), or any tensor of those entries left unchanged until the block is done
+            (e.g. a view of the task vector where nothing is trimmed).
         weights: ``[T]`` per-task weights, on the device and dtype of the task tensors.
-        task_tensors: the ``[T, N]`` flat task vectors the callbacks read: gives ``N``, the dtype and the device.
+        task_tensors: the ``[T, N]`` flat task vectors ``task_block`` reads: gives ``N``, the dtype and the device.
         majority_sign_method: ``"total"`` or ``"frequency"``.
 
     Returns:
@@ -66,31 +63,35 @@ def sign_elected_disjoint_mean(
     frequency = majority_sign_method == "frequency"
     unit_weights = (weights == 1).tolist()
     size = block_size(numel, device)
-    election, scratch, count, signs = torch.empty((4, size), dtype=dtype, device=device)
+    kept = torch.empty((num_tasks, size), dtype=dtype, device=device)
+    election, scratch, count = torch.empty((3, size), dtype=dtype, device=device)
     one = torch.ones((), dtype=dtype, device=device)
     merged = torch.empty(numel, dtype=dtype, device=device)
     for start, stop in blocks(numel, device):
         width = stop - start
         score, work, counted = election[:width], scratch[:width], count[:width]
-        first = trimmed_task(0, start, stop, score)
+        trimmed = [task_block(task, start, stop, kept[task, :width]) for task in range(num_tasks)]
         if frequency:
-            torch.sign(first, out=score)
-        elif first is not score:
-            score.copy_(first)
-        for task in range(1, num_tasks):
-            trimmed = trimmed_task(task, start, stop, work)
-            score.add_(torch.sign(trimmed, out=work) if frequency else trimmed)
+            torch.sign(trimmed[0], out=score)
+            for values in trimmed[1:]:
+                score.add_(torch.sign(values, out=work))
+        elif num_tasks == 1:
+            score.copy_(trimmed[0])
+        else:
+            torch.add(trimmed[0], trimmed[1], out=score)
+            for values in trimmed[2:]:
+                score.add_(values)
         # gamma = +1 where the score is >= +0, -1 elsewhere, in place.
         majority_sign = torch.copysign(one, score, out=score)
         block = merged[start:stop]
-        for task in range(num_tasks):
-            agreeing = agreeing_task(task, start, stop, majority_sign, block if task == 0 else work)
+        for task, values in enumerate(trimmed):
+            agreeing = torch.mul(values, majority_sign, out=block if task == 0 else work).clamp_(min=0)
             # The count of agreeing tasks, in floats: sign() of the (non-negative) agreeing terms is 0 or 1; a
             # float pass is several times cheaper on CPU than a comparison into a bool mask.
             if task == 0:
                 torch.sign(agreeing, out=counted)
             else:
-                counted.add_(torch.sign(agreeing, out=signs[:width]))
+                counted.add_(torch.sign(agreeing, out=kept[task - 1, :width]))  # x_{task-1} is no longer needed
             if not unit_weights[task]:
                 agreeing.mul_(weights[task])
             if task > 0:
@@ -123,9 +124,8 @@ def ties(
     2. Elect: ``gamma = sign(sum_t x_t)`` ("total") or ``sign(sum_t sign(x_t))`` ("frequency"), 0 -> +1.
     3. Disjoint mean: ``delta = sum_t w_t x_t [sign(x_t) == gamma] / max(1, sum_t [sign(x_t) == gamma])``.
 
-    Memory: besides the inputs, the result and block-sized buffers (``selection.blocks``); no ``[T, numel]`` copy.
-    Step 3 does not store the trims of step 2: it recomputes ``relu(gamma * x_t)`` from ``gamma * tau_t`` and the
-    task's cut-off in two elementwise passes (``selection.signed_trim_``), on a block still in the cache.
+    Memory: besides the inputs, the result and block-sized buffers (``selection.blocks``); no ``[T, numel]`` copy:
+    steps 2 and 3 run block by block on the trims of the block, built once from the cut-offs of step 1.
 
     Args:
         task_tensors: ``[T, *shape]`` task vectors (fp32). Not modified.
@@ -144,18 +144,13 @@ def ties(
     k = density_to_k(numel, density)
     if k == 0:
         return torch.zeros(shape, dtype=flat.dtype, device=flat.device)
-    # Step 1's threshold search (one blocked sweep per task) runs once; steps 2 and 3 re-trim from the cut-offs.
+    # Step 1's threshold search (one blocked sweep per task) runs once; the trims are applied block by block.
     cutoffs: list[TopkCutoff | None] = [
         None if k == numel else topk_cutoff(flat[task], k, magnitude=True) for task in range(num_tasks)
     ]
 
     def trimmed_task(task: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         values, cutoff = flat[task, start:stop], cutoffs[task]
-        return out.copy_(values) if cutoff is None else magnitude_trim(values, cutoff, out=out, offset=start)
+        return values if cutoff is None else magnitude_trim(values, cutoff, out=out, offset=start)
 
-    def agreeing_task(task: int, start: int, stop: int, majority_sign: torch.Tensor, out: torch.Tensor):
-        signed = torch.mul(flat[task, start:stop], majority_sign, out=out)
-        cutoff = cutoffs[task]
-        return signed.clamp_(min=0) if cutoff is None else signed_trim_(signed, cutoff, offset=start)
-
-    return sign_elected_disjoint_mean(trimmed_task, agreeing_task, weights, flat, majority_sign_method).view(shape)
+    return sign_elected_disjoint_mean(trimmed_task, weights, flat, majority_sign_method).view(shape)
