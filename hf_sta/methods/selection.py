@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ __all__ = [
     "TopkCutoff",
     "block_size",
     "blocks",
+    "block_buffers",
     "density_to_k",
     "kth_largest_threshold",
     "magnitude_trim",
@@ -140,6 +142,30 @@ def block_size(numel: int, device: torch.device | str = "cpu") -> int:
     return min(BLOCK_SIZE, numel) if torch.device(device).type == "cpu" else numel
 
 
+_block_buffers = threading.local()
+
+
+def block_buffers(
+    name: str, rows: int, numel: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``[rows, block_size(numel, device)]`` scratch buffers for a blocked kernel, reused by its later calls.
+
+    On CPU the buffers of each ``name`` (one per call site: a kernel must not hand out the same name twice at once)
+    and dtype are kept per thread and grown as needed, at most ``rows * BLOCK_SIZE`` entries: a merge calls a kernel
+    for every tensor, and fresh allocations of a few MiB are returned to the system and faulted in again each time
+    (several microseconds per 4 KiB page on a VM). Their content is undefined. Elsewhere they are plain
+    ``torch.empty`` (one block spans the whole tensor there).
+    """
+    size = block_size(numel, device)
+    if torch.device(device).type != "cpu":
+        return torch.empty((rows, size), dtype=dtype, device=device)
+    cache = _block_buffers.__dict__.setdefault("buffers", {})
+    buffer = cache.get((name, dtype))
+    if buffer is None or buffer.numel() < rows * size:
+        buffer = cache[(name, dtype)] = torch.empty(rows * size, dtype=dtype)
+    return buffer[: rows * size].view(rows, size)
+
+
 @functools.lru_cache(maxsize=16)
 def _sample_index(numel: int, sample_size: int) -> np.ndarray:
     """``sample_size`` fixed pseudo-random positions in ``range(numel)``, ascending (the sample is gathered in one
@@ -216,10 +242,10 @@ def _bracket_sweep(
     native = flat.dtype in _NUMPY_DTYPES
     array = flat.detach().numpy() if native else None
     n = flat.numel()
-    size = block_size(n)
-    magnitudes = np.empty(size, dtype=array.dtype if native else np.float32) if magnitude else None
-    above_hi = np.empty(size, dtype=np.bool_)
-    in_bracket = np.empty(size, dtype=np.bool_)
+    magnitudes = (
+        block_buffers("sweep", 1, n, flat.dtype if native else torch.float32)[0].numpy() if magnitude else None
+    )
+    above_hi, in_bracket = block_buffers("sweep", 2, n, torch.bool).numpy()
     count_above_bracket = 0
     positions, values = [], []
     for start, stop in blocks(n):

@@ -8,7 +8,7 @@ import torch
 
 from .magnitude_prune import DENSITY
 from .registry import Parameter, check_kernel_inputs, register_merge_method
-from .selection import TopkCutoff, block_size, blocks, density_to_k, magnitude_trim, topk_cutoff
+from .selection import TopkCutoff, block_buffers, blocks, density_to_k, magnitude_trim, topk_cutoff
 
 MAJORITY_SIGN_METHOD = Parameter(
     "majority_sign_method",
@@ -62,9 +62,8 @@ def sign_elected_disjoint_mean(
     dtype, device = task_tensors.dtype, task_tensors.device
     frequency = majority_sign_method == "frequency"
     unit_weights = (weights == 1).tolist()
-    size = block_size(numel, device)
-    kept = torch.empty((num_tasks, size), dtype=dtype, device=device)
-    election, scratch, count = torch.empty((3, size), dtype=dtype, device=device)
+    kept = block_buffers("ties.kept", num_tasks, numel, dtype, device)
+    election, scratch, count = block_buffers("ties.work", 3, numel, dtype, device)
     one = torch.ones((), dtype=dtype, device=device)
     merged = torch.empty(numel, dtype=dtype, device=device)
     for start, stop in blocks(numel, device):
