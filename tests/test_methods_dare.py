@@ -8,7 +8,7 @@ import torch
 from peft.utils import merge_utils
 
 from hf_sta.methods import selection
-from hf_sta.methods.dare import dare_drop, dare_keep_mask, dare_linear, dare_ties
+from hf_sta.methods.dare import KeepDraws, dare_drop, dare_keep_mask, dare_linear, dare_ties
 
 pytestmark = pytest.mark.filterwarnings("ignore:The density .* no pruning will be performed")
 
@@ -40,9 +40,12 @@ def peft_given_our_masks(monkeypatch, peft_kernel, task_tensors, *args, density,
         return peft_kernel(list(task_tensors), *args)
 
 
+@pytest.mark.parametrize("block_size", [None, 97])
 @pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("shape", [(3, 500), (2, 20, 30)])
-def test_dare_linear_matches_peft_given_the_same_masks(monkeypatch, density, shape):
+def test_dare_linear_matches_peft_given_the_same_masks(monkeypatch, density, shape, block_size):
+    if block_size is not None:  # masks expanded block by block, blocks not aligned with the tensor or the bytes
+        monkeypatch.setattr(selection, "BLOCK_SIZE", block_size)
     task_tensors = torch.randn(shape, generator=seeded(0))
     weights = torch.tensor([1.0, -0.5, 2.0][: shape[0]])
     expected = peft_given_our_masks(
@@ -104,6 +107,17 @@ def test_keep_mask_reads_as_few_bits_as_the_density_needs(density, bits):
     expected_state = seeded(3)
     torch.empty(-(-numel * bits // 64), dtype=torch.int64).random_(-(2**63), None, generator=expected_state)
     assert torch.equal(generator.get_state(), expected_state.get_state())
+
+
+@pytest.mark.parametrize("density", [0.5, 0.25, 0.625, 0.3828125, 0.3])
+def test_keep_draws_expand_any_range_of_the_mask(density):
+    # Kernels expand the mask block by block from bits drawn once: any range, aligned to the bytes or not.
+    numel = 1001
+    draws = KeepDraws.draw(numel, density, generator=seeded(3))
+    expected = _reference_keep_mask(numel, density, draws.bits, 3)
+    for start, stop in ((0, numel), (0, 1), (1, 2), (3, 97), (97, 194), (500, 1001), (1000, 1001), (7, 7)):
+        out = torch.empty(stop - start, dtype=torch.bool)
+        assert draws.mask(start, stop, out=out) is out and torch.equal(out, expected[start:stop])
 
 
 @pytest.mark.parametrize("density", [0.5, 0.25, 0.625, 0.3828125])

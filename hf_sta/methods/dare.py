@@ -9,9 +9,12 @@ a multiple of ``2**-16``, and an entry draws only as many bits as that probabili
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .registry import Parameter, check_kernel_inputs, register_merge_method
+from .selection import block_buffers, blocks
 from .task_arithmetic import task_arithmetic
 from .ties import MAJORITY_SIGN_METHOD, sign_elected_disjoint_mean
 
@@ -46,6 +49,49 @@ def _draw_bits(levels: int) -> int:
     return _RESOLUTION_BITS
 
 
+@dataclass(frozen=True)
+class KeepDraws:
+    """The random bits behind a DARE keep mask of ``numel`` entries (see ``dare_keep_mask``): ``words`` (int64,
+    ``ceil(numel * bits / 64)``), the bits per entry and the keep ``levels`` (out of ``2**16``). ``mask(start, stop)``
+    expands any range of the mask, so that a kernel can build it block by block from bits drawn once up front."""
+
+    words: torch.Tensor
+    bits: int
+    levels: int
+
+    @classmethod
+    def draw(
+        cls,
+        numel: int,
+        density: float,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> KeepDraws:
+        """Draw the words of a ``numel``-entry mask of keep probability ``density`` from ``generator``."""
+        levels = _keep_levels(density)
+        bits = _draw_bits(levels)
+        words = torch.empty(-(-numel * bits // 64), dtype=torch.int64, device=device)
+        return cls(words.random_(-(2**63), None, generator=generator), bits, levels)
+
+    def mask(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Bool ``[stop - start]``: entries ``start..stop-1`` of the mask (into ``out`` if given)."""
+        if self.bits == _RESOLUTION_BITS:  # int16 draws, compared signed: r - 2**15 < levels - 2**15
+            return torch.lt(self.words.view(torch.int16)[start:stop], self.levels - 2**15, out=out)
+        bound = self.levels >> (_RESOLUTION_BITS - self.bits)
+        stream = self.words.view(torch.uint8)
+        if self.bits == 8:
+            return torch.lt(stream[start:stop], bound, out=out)
+        per_byte = 8 // self.bits
+        first, last = start // per_byte, -(-stop // per_byte)  # the bytes holding the range's bits
+        draws = torch.empty((last - first, per_byte), dtype=torch.uint8, device=stream.device)
+        for slot in range(per_byte):  # entry per_byte * j + slot reads bits [slot * b, (slot + 1) * b) of byte j
+            shifted = torch.bitwise_right_shift(stream[first:last], slot * self.bits)
+            torch.bitwise_and(shifted, (1 << self.bits) - 1, out=draws[:, slot])
+        offset = start - first * per_byte
+        return torch.lt(draws.view(-1)[offset : offset + stop - start], bound, out=out)
+
+
 def dare_keep_mask(
     numel: int,
     density: float,
@@ -62,6 +108,7 @@ def dare_keep_mask(
     full int64 range). Entry ``i`` reads bits ``[i*b, (i+1)*b)`` of their little-endian bit stream as an unsigned
     integer ``r_i`` (for ``b = 16``: the ``i``-th int16 of the words, offset by ``2**15``) and is kept iff
     ``r_i < levels / 2**(16 - b)``, i.e. with probability exactly ``levels / 2**16``. Same generator state, same mask.
+    ``KeepDraws`` holds the words and expands parts of the mask.
 
     Args:
         numel: number of entries.
@@ -70,23 +117,7 @@ def dare_keep_mask(
         device: where the mask lives (the generator's device).
         out: optional bool tensor of ``numel`` entries to write the mask into.
     """
-    levels = _keep_levels(density)
-    bits = _draw_bits(levels)
-    per_word = 64 // bits
-    words = torch.empty(-(-numel // per_word), dtype=torch.int64, device=device).random_(
-        -(2**63), None, generator=generator
-    )
-    if bits == _RESOLUTION_BITS:  # int16 draws, compared signed: r - 2**15 < levels - 2**15
-        return torch.lt(words.view(torch.int16)[:numel], levels - 2 ** (_RESOLUTION_BITS - 1), out=out)
-    bound = levels >> (_RESOLUTION_BITS - bits)
-    stream = words.view(torch.uint8)
-    if bits == 8:
-        return torch.lt(stream[:numel], bound, out=out)
-    per_byte = 8 // bits
-    draws = torch.empty((stream.numel(), per_byte), dtype=torch.uint8, device=stream.device)
-    for slot in range(per_byte):  # entry per_byte * j + slot reads bits [slot * b, (slot + 1) * b) of byte j
-        torch.bitwise_and(torch.bitwise_right_shift(stream, slot * bits), (1 << bits) - 1, out=draws[:, slot])
-    return torch.lt(draws.view(-1)[:numel], bound, out=out)
+    return KeepDraws.draw(numel, density, generator=generator, device=device).mask(0, numel, out=out)
 
 
 RESCALE = Parameter(
@@ -179,14 +210,18 @@ def dare_linear(
         raise ValueError(f"density must be in (0, 1], got {density}")
     if density >= 1.0:
         return task_arithmetic(task_tensors, weights)
-    # Same draws as dare_drop, one task at a time, so that no [T, N] copy is needed.
+    # Same draws as dare_drop (task after task, drawn up front); the masks are expanded block by block.
     numel = flat.shape[1]
-    keep = torch.empty(numel, dtype=torch.bool, device=flat.device)
-    dropped = torch.empty_like(flat[0])
+    draws = [KeepDraws.draw(numel, density, generator=generator, device=flat.device) for _ in range(num_tasks)]
+    keep = block_buffers("dare.keep", 1, numel, torch.bool, flat.device)[0]
+    dropped = block_buffers("dare.dropped", 1, numel, flat.dtype, flat.device)[0]
     merged = torch.zeros_like(flat[0])
-    for task in range(num_tasks):
-        dare_keep_mask(numel, density, generator=generator, device=flat.device, out=keep)
-        merged.add_(_drop_into(dropped, flat[task], keep, density, rescale).mul_(weights[task]))
+    for start, stop in blocks(numel, flat.device):
+        width = stop - start
+        for task in range(num_tasks):
+            mask = draws[task].mask(start, stop, out=keep[:width])
+            x = _drop_into(dropped[:width], flat[task, start:stop], mask, density, rescale)
+            merged[start:stop].add_(x.mul_(weights[task]))
     return merged.view(shape)
 
 
@@ -231,15 +266,17 @@ def dare_ties(
     flat = task_tensors.reshape(num_tasks, numel)
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    # The masks (1 byte per entry and task), not the dropped task vectors (4 bytes): x_t is rebuilt per block.
-    keeps = None
+    # The masks' random bits are drawn up front (task after task, as dare_drop); each block's masks are expanded
+    # from them when the block is merged, so that nothing of size [T, N] is built.
+    draws = None
     if density < 1.0:
-        keeps = torch.empty((num_tasks, numel), dtype=torch.bool, device=flat.device)
-        for task in range(num_tasks):
-            dare_keep_mask(numel, density, generator=generator, device=flat.device, out=keeps[task])
+        draws = [KeepDraws.draw(numel, density, generator=generator, device=flat.device) for _ in range(num_tasks)]
+        keep = block_buffers("dare.keep", 1, numel, torch.bool, flat.device)[0]
 
     def dropped_task(task: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         values = flat[task, start:stop]
-        return values if keeps is None else _drop_into(out, values, keeps[task, start:stop], density, rescale)
+        if draws is None:
+            return values
+        return _drop_into(out, values, draws[task].mask(start, stop, out=keep[: stop - start]), density, rescale)
 
     return sign_elected_disjoint_mean(dropped_task, weights, flat, majority_sign_method).view(shape)
