@@ -184,3 +184,41 @@ def test_background_write_error_reaches_the_caller(tmp_path, monkeypatch):
     writer.abort()
     assert calls["n"] == 3  # nothing written after the failure
     assert not _threads("hf_sta-write")
+
+
+def test_background_writer_queues_behind_a_slow_write_up_to_a_byte_budget(tmp_path, monkeypatch):
+    tensors = _tensors()  # 12 tensors of 8-11 KB
+    plan = [TensorPlan(k, v.shape, v.dtype) for k, v in tensors.items()]
+    release = threading.Event()
+    original = StreamingSafetensorsWriter._write_bytes
+
+    def slow_first(self, shard, offset, data, on_written=None):
+        if offset == len(self._headers[0]):  # the first tensor's bytes: hold the writer until released
+            release.wait(timeout=30)
+        original(self, shard, offset, data, on_written)
+
+    monkeypatch.setattr(StreamingSafetensorsWriter, "_write_bytes", slow_first)
+    writer = StreamingSafetensorsWriter(tmp_path, plan, background=True, max_queued_bytes=30_000)
+    items = list(tensors.items())
+    writer.write(*items[0])
+    queued = threading.Event()
+    done = []
+
+    def feed():
+        for key, value in items[1:]:
+            writer.write(key, value)
+            done.append(key)
+        queued.set()
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    time.sleep(0.5)
+    # While the first tensor is being written, the caller queued tensors until 30 KB waited behind it, no more.
+    assert 3 <= len(done) <= 4 and not queued.is_set()
+    assert sum(tensors[key].numel() * 4 for key in done[:-1]) < 30_000
+    release.set()
+    feeder.join(timeout=30)
+    assert queued.is_set()
+    writer.finish()
+    writer.abort()
+    assert load_file(tmp_path / "model.safetensors").keys() == tensors.keys()

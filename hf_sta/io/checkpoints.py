@@ -9,11 +9,11 @@ bytes as they are produced, so a merge never holds more than the tensor it is wo
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
 import os
-import queue
 import re
 import shutil
 import struct
@@ -504,9 +504,10 @@ class StreamingSafetensorsWriter:
     Tensors must arrive in plan order, unless ``any_order=True`` (a streamed merge hands over each tensor as soon as
     a worker thread has merged it): the files are the same bytes either way. With ``background=True`` the file
     writes happen in a thread, behind the caller (a write is a memory copy into the page cache, which then overlaps
-    the caller's next computation): :meth:`write` checks the tensor against the plan at once and returns when the
-    previous tensor has been handed to the file; the caller must not modify a tensor after passing it. A write error
-    is raised by the next :meth:`write` or by :meth:`finish`.
+    the caller's next computation): :meth:`write` checks the tensor against the plan at once and queues it; it
+    waits only while tensors of ``max_queued_bytes`` or more wait behind the one being written (so that writing a
+    large tensor does not hold up the caller, while the memory held by the queue stays bounded). The caller must not modify
+    a tensor after passing it. A write error is raised by the next :meth:`write` or by :meth:`finish`.
     """
 
     def __init__(
@@ -519,6 +520,7 @@ class StreamingSafetensorsWriter:
         weights_name: str = SAFE_WEIGHTS_NAME,
         background: bool = False,
         any_order: bool = False,
+        max_queued_bytes: int = 128 * 2**20,
     ) -> None:
         self.folder = Path(folder)
         self.plan = plan
@@ -565,7 +567,11 @@ class StreamingSafetensorsWriter:
         self._written: set[str] = set()
         self._position = 0  # next index into plan (in-order mode)
         self._handles: dict[int, object] = {}  # open shard files, by shard index
-        self._queue: queue.Queue | None = queue.Queue(maxsize=1) if background else None
+        self._background = background
+        self._max_queued_bytes = max_queued_bytes
+        self._queue: collections.deque = collections.deque()  # (operation, args, nbytes); None ends the thread
+        self._queued_bytes = 0  # of the tensors in the queue, not counting the one being written
+        self._queue_changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -585,9 +591,9 @@ class StreamingSafetensorsWriter:
         if on_written is not None:
             on_written()
 
-    def _submit(self, operation, *args) -> None:
+    def _submit(self, operation, *args, nbytes: int = 0) -> None:
         """Run a file operation now, or queue it for the background thread (started on first use)."""
-        if self._queue is None:
+        if not self._background:
             operation(*args)
             return
         if self._error is not None:
@@ -595,15 +601,23 @@ class StreamingSafetensorsWriter:
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="hf_sta-write", daemon=True)
             self._thread.start()
-        self._queue.put((operation, args))
+        with self._queue_changed:
+            self._queue_changed.wait_for(lambda: self._queued_bytes < self._max_queued_bytes)
+            self._queue.append((operation, args, nbytes))
+            self._queued_bytes += nbytes
+            self._queue_changed.notify_all()
 
     def _work(self) -> None:
         while True:
-            task = self._queue.get()
-            if task is None:
-                return
+            with self._queue_changed:
+                self._queue_changed.wait_for(lambda: self._queue)
+                task = self._queue.popleft()
+                if task is None:
+                    return
+                operation, args, nbytes = task
+                self._queued_bytes -= nbytes
+                self._queue_changed.notify_all()
             if self._error is None:  # after a failure, drain without writing
-                operation, args = task
                 try:
                     operation(*args)
                 except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
@@ -611,7 +625,9 @@ class StreamingSafetensorsWriter:
 
     def _join(self) -> None:
         if self._thread is not None:
-            self._queue.put(None)
+            with self._queue_changed:
+                self._queue.append(None)
+                self._queue_changed.notify_all()
             self._thread.join()
             self._thread = None
 
@@ -644,7 +660,7 @@ class StreamingSafetensorsWriter:
                 f"got {tuple(tensor.shape)} {tensor.dtype}."
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._submit(self._write_bytes, shard, offset, data, on_written)
+        self._submit(self._write_bytes, shard, offset, data, on_written, nbytes=data.nbytes)
         self._written.add(name)
         self._position += 1
 
