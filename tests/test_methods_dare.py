@@ -118,6 +118,8 @@ def test_keep_draws_expand_any_range_of_the_mask(density):
     for start, stop in ((0, numel), (0, 1), (1, 2), (3, 97), (97, 194), (500, 1001), (1000, 1001), (7, 7)):
         out = torch.empty(stop - start, dtype=torch.bool)
         assert draws.mask(start, stop, out=out) is out and torch.equal(out, expected[start:stop])
+        # The torch expansion (used off CPU) gives the same mask as the NumPy one (CPU).
+        assert torch.equal(draws._mask_torch(start, stop, torch.empty_like(out)), expected[start:stop])
 
 
 @pytest.mark.parametrize("density", [0.5, 0.25, 0.625, 0.3828125])
