@@ -520,7 +520,7 @@ class StreamingSafetensorsWriter:
         weights_name: str = SAFE_WEIGHTS_NAME,
         background: bool = False,
         any_order: bool = False,
-        max_queued_bytes: int = 128 * 2**20,
+        max_queued_bytes: int = 64 * 2**20,
     ) -> None:
         self.folder = Path(folder)
         self.plan = plan
