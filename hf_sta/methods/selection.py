@@ -62,7 +62,7 @@ __all__ = [
 _SAMPLING_MIN_NUMEL = 1 << 16
 # Size of the sample that estimates the cut-off: _SAMPLE_SCALE * n**(2/3), clamped to [_MIN_SAMPLE_SIZE,
 # _SAMPLE_SIZE]. The bracket then holds about ``2 * _BRACKET_SIGMAS * sqrt(q(1-q)/s)`` of the tensor (q = k / n),
-# e.g. 1.9% for n = 885k (s = 18.4k) and 0.7% for n = 28M (s = 262k) at q = 0.2. Selecting in the sample and
+# e.g. 2.7% for n = 885k (s = 18.4k) and 0.7% for n = 28M (s = 262k) at q = 0.2. Selecting in the sample and
 # collecting the bracket cost about as much per entry, so the total is least for s ~ n**(2/3); the scale and the
 # width (a miss, probability ~1e-5, costs a fallback) were tuned on SmolLM2-135M's tensor shapes, 2-core machine:
 # the cut-offs of all its tensors (three task vectors) took 0.53-0.61 s, 0.74 s with scale 1, 5 sigmas and at most
