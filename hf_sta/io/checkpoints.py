@@ -506,8 +506,8 @@ class StreamingSafetensorsWriter:
     writes happen in a thread, behind the caller (a write is a memory copy into the page cache, which then overlaps
     the caller's next computation): :meth:`write` checks the tensor against the plan at once and queues it; it
     waits only while tensors of ``max_queued_bytes`` or more wait behind the one being written (so that writing a
-    large tensor does not hold up the caller, while the memory held by the queue stays bounded). The caller must not modify
-    a tensor after passing it. A write error is raised by the next :meth:`write` or by :meth:`finish`.
+    large tensor does not hold up the caller, while the memory held by the queue stays bounded). The caller must not
+    modify a tensor after passing it. A write error is raised by the next :meth:`write` or by :meth:`finish`.
     """
 
     def __init__(
