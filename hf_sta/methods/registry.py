@@ -15,19 +15,35 @@ with ``@register_merge_method(...)`` and one import line in ``hf_sta/methods/__i
     def my_method(task_tensors, weights, *, generator=None, density=0.2): ...
 
 Kernel contract: ``fn(task_tensors [T, *shape], weights [T], *, generator=None, **params) -> delta [*shape]``.
+
+What a method needs beyond the task vectors it declares in ``requires``; the engine then passes, per tensor, one
+keyword argument per requirement (see ``REQUIREMENTS``):
+
+- ``"importance"``: ``importance=[T, *shape]`` fp32 scores of ``merger.compute_importance`` / ``load_importance``;
+- ``"fisher"``: ``fisher=[T, *shape]``, the raw diagonal Fisher of ``compute_importance(..., metric="fisher")``;
+- ``"gram"``: ``gram=[T, in, in]`` (or ``None`` for a tensor no statistics cover) and ``gram_layout`` (``"out_in"``
+  for ``nn.Linear`` weights, ``"in_out"`` for ``Conv1D``) from ``merger.compute_activation_statistics``;
+- ``"objective"``: data and a per-task loss or prediction function; the method's ``prepare`` hook learns what the
+  kernel then receives per tensor (coefficients).
+
+A ``prepare(context, params) -> Prepared`` hook runs once before the tensors stream: it may compute global values
+(STA's model-wide threshold, learned coefficients) and returns them with a per-tensor function and a record for the
+recipe and the model card.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 __all__ = [
+    "REQUIREMENTS",
     "MergeKernel",
+    "Prepared",
     "MergeMethod",
     "Parameter",
     "check_kernel_inputs",
@@ -35,6 +51,9 @@ __all__ = [
     "list_merge_methods",
     "register_merge_method",
 ]
+
+REQUIREMENTS: tuple[str, ...] = ("importance", "fisher", "gram", "objective")
+"""What a method can declare in ``requires``."""
 
 MergeKernel = Callable[..., torch.Tensor]
 """``fn(task_tensors: Tensor [T, *shape], weights: Tensor [T], *, generator=None, **params) -> Tensor [*shape]``."""
@@ -152,6 +171,22 @@ class Parameter:
         return value
 
 
+@dataclass
+class Prepared:
+    """What a method's ``prepare`` hook hands the engine.
+
+    Args:
+        params: extra keyword arguments for every tensor (e.g. STA's ``global_threshold``).
+        per_tensor: ``fn(key) -> dict`` of keyword arguments for the tensor ``key`` (e.g. its learned coefficients).
+        record: JSON-serialisable facts written to the recipe and the model card (e.g. the learned coefficients, the
+            number of learnable parameters, the examples used).
+    """
+
+    params: dict[str, Any] = field(default_factory=dict)
+    per_tensor: Callable[[str], dict[str, Any]] | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered merge kernel and the metadata the CLI and the model card show.
@@ -164,7 +199,8 @@ class MergeMethod:
         paper_url: link to the paper, or ``None``.
         parameters: the kernel's keyword parameters (``scaling`` and ``seed`` are not among them: the caller applies
             ``theta = theta_0 + scaling * delta`` and builds ``generator`` from the seed).
-        requires_importance: whether the kernel needs per-parameter importance scores from the caller.
+        requires: what the method needs beyond the task vectors (a subset of ``REQUIREMENTS``).
+        prepare: optional hook ``prepare(context, params) -> Prepared`` run once before the tensors stream.
         description: one line.
         stochastic: whether the kernel draws random numbers from ``generator`` (DARE); the caller must then pass a
             generator seeded per tensor for reproducible merges.
@@ -176,9 +212,15 @@ class MergeMethod:
     paper_title: str
     paper_url: str | None
     parameters: tuple[Parameter, ...]
-    requires_importance: bool = False
+    requires: tuple[str, ...] = ()
+    prepare: Callable[..., Prepared] | None = None
     description: str = ""
     stochastic: bool = False
+
+    @property
+    def requires_importance(self) -> bool:
+        """Whether the kernel needs per-parameter importance scores."""
+        return "importance" in self.requires
 
     @property
     def parameter_names(self) -> list[str]:
@@ -221,15 +263,19 @@ def register_merge_method(
     paper_title: str,
     paper_url: str | None,
     parameters: tuple[Parameter, ...] = (),
-    requires_importance: bool = False,
+    requires: tuple[str, ...] = (),
+    prepare: Callable[..., Prepared] | None = None,
     description: str = "",
     stochastic: bool = False,
 ) -> Callable[[MergeKernel], MergeKernel]:
     """Decorator registering a merge kernel under ``name``; returns the kernel unchanged.
 
     Raises:
-        ValueError: if ``name`` is already registered.
+        ValueError: if ``name`` is already registered or ``requires`` names an unknown requirement.
     """
+    unknown = sorted(set(requires) - set(REQUIREMENTS))
+    if unknown:
+        raise ValueError(f"Merge method '{name}': unknown requirement(s) {unknown}; valid: {', '.join(REQUIREMENTS)}")
 
     def decorator(function: MergeKernel) -> MergeKernel:
         if name in _REGISTRY:
@@ -241,7 +287,8 @@ def register_merge_method(
             paper_title=paper_title,
             paper_url=paper_url,
             parameters=tuple(parameters),
-            requires_importance=requires_importance,
+            requires=tuple(requires),
+            prepare=prepare,
             description=description,
             stochastic=stochastic,
         )

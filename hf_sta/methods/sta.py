@@ -125,7 +125,7 @@ def importance_masks(
     paper_title="Selective Task Arithmetic: loss-sensitive parameter selection for merging and forgetting tasks",
     paper_url=None,
     parameters=STA_PARAMETERS,
-    requires_importance=True,
+    requires=("importance",),
     description="Keep each task's important entries (first-order Taylor importance) and add them up.",
 )
 def sta(
