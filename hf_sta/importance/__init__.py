@@ -10,12 +10,15 @@ import torch
 
 from ..errors import CheckpointError
 from ..io.checkpoints import CheckpointReader, StateDictSource, TensorSource, save_tensors
+from .activations import ActivationStatistics, accumulate_input_grams
 from .calibration import accumulate_gradient_statistics
 from .data import build_calibration_dataloader, dataset_fingerprint
 from .metrics import GRADIENT_STATISTIC, METRICS, check_metric, finish_importance
 
 __all__ = [
+    "ActivationStatistics",
     "ImportanceScores",
+    "accumulate_input_grams",
     "accumulate_gradient_statistics",
     "build_calibration_dataloader",
     "dataset_fingerprint",
