@@ -40,12 +40,11 @@ from transformers import TrainerCallback
 
 from .config import MergeConfig, validate_task_name
 from .errors import ConfigError
+from .layout import IMPORTANCE_FOLDER, RECIPE_NAME
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["STAMergeCallback"]
-
-IMPORTANCE_FOLDER = "importance"
 
 
 class _SingleProcess:
@@ -190,8 +189,6 @@ class STAMergeCallback(TrainerCallback):
     def _read_merged_model(self, folder: Path) -> dict[str, Any] | None:
         """Take the inputs (and merge settings) of an existing hf_sta output folder's recipe."""
         import yaml
-
-        from .card import RECIPE_NAME
 
         path = folder / RECIPE_NAME
         if not path.is_file():

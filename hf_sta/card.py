@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .layout import CARD_NAME, RECIPE_NAME
 
 if TYPE_CHECKING:
     from huggingface_hub import EvalResult, ModelCard
@@ -50,8 +51,6 @@ __all__ = [
 
 SECTION_START = "<!-- hf_sta:start -->"
 SECTION_END = "<!-- hf_sta:end -->"
-CARD_NAME = "README.md"
-RECIPE_NAME = "hf_sta_config.yaml"
 IMPORTANCE_PLOT = "importance.png"
 OTHER_LAYER = "other"
 

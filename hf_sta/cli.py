@@ -287,9 +287,10 @@ def _importance_files(folder: Path) -> list[Path]:
 def _inspect(args: argparse.Namespace) -> int:
     import yaml
 
-    from .card import CARD_NAME, RECIPE_NAME, importance_by_layer
+    from .card import importance_by_layer
     from .importance import ImportanceScores
     from .io.checkpoints import CheckpointReader
+    from .layout import CARD_NAME, RECIPE_NAME
 
     folder = Path(args.dir)
     if not folder.is_dir():

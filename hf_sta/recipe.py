@@ -35,7 +35,6 @@ again. Every bad field raises
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import os
@@ -49,7 +48,7 @@ from typing import Any
 import yaml
 
 from .config import MergeConfig, parse_dtype, validate_task_name
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -682,53 +681,32 @@ def load_calibration_data(config: ImportanceConfig):
     return datasets.load_dataset(config.data, config.subset, split=config.split)
 
 
-def _accepts(function: Any, name: str) -> bool:
-    return name in inspect.signature(function).parameters
-
-
 def build_merger(recipe: Recipe):
     """Open the base and every input lazily (headers and configs only), as ``STAMerger.from_pretrained`` does."""
     from .io.checkpoints import open_checkpoint
     from .merger import STAMerger
     from .task_vector import CheckpointTaskVector
 
-    adapters_supported = _accepts(STAMerger.from_pretrained, "adapters")
-    if not recipe.task_vectors and (not recipe.adapters or adapters_supported):
+    if not recipe.task_vectors:
         extra = {"adapters": dict(recipe.adapters)} if recipe.adapters else {}
         return STAMerger.from_pretrained(
             recipe.base_model, dict(recipe.models) or None, trust_remote_code=recipe.trust_remote_code, **extra
         )
-    # Shipped task vectors (and adapters on a merger without `adapters=`) go through from_task_vectors, with the
-    # fine-tunes and adapters as task vector objects on one shared base reader.
+    # Shipped task vectors go through from_task_vectors, with the fine-tunes and adapters as task vector objects on
+    # one shared base reader.
     base = open_checkpoint(recipe.base_model, name="base")
     vectors: dict[str, Any] = {}
     for task, source in recipe.models.items():
         vectors[task] = CheckpointTaskVector(base, open_checkpoint(source, name=task), name=task)
     if recipe.adapters:
-        try:
-            from .io.adapters import LoraTaskVector
-        except ImportError as err:  # pragma: no cover - the adapter reader ships with hf_sta
-            raise ConfigError(f"adapters: this hf_sta cannot read PEFT adapters ({err})") from None
+        from .lora_task_vector import LoraTaskVector
+
         for task, source in recipe.adapters.items():
             vectors[task] = LoraTaskVector.from_pretrained(source, base, name=task)
     vectors.update(recipe.task_vectors)
     merger = STAMerger.from_task_vectors(base, vectors, trust_remote_code=recipe.trust_remote_code)
     merger.sources.update({"base": recipe.base_model, **recipe.models, **recipe.adapters, **recipe.task_vectors})
     return merger
-
-
-def _check_forget_target(merger: Any, target: str) -> None:
-    from .io.checkpoints import open_checkpoint
-
-    source = open_checkpoint(target, name=target)
-    for key in merger.base.keys():
-        if key not in source:
-            raise CheckpointError(f"forget.target '{target}' has no tensor '{key}' (base tensor names expected).")
-        if tuple(source.shape(key)) != tuple(merger.base.shape(key)):
-            raise CheckpointError(
-                f"forget.target '{target}': '{key}' has shape {list(source.shape(key))}, the base "
-                f"{list(merger.base.shape(key))}."
-            )
 
 
 def _check_importance(merger: Any, task: str, config: ImportanceConfig) -> None:
@@ -804,7 +782,9 @@ def run_recipe(recipe: Recipe, dry_run: bool = False):
         check_output_dir(recipe.output_dir, recipe.overwrite)
     merger = build_merger(recipe)
     if recipe.forget is not None and recipe.forget.target and recipe.forget.target not in recipe.tasks:
-        _check_forget_target(merger, recipe.forget.target)
+        from .forgetting import forget_target
+
+        forget_target(merger.pool, recipe.forget.target)
     summary = _summary(recipe, merger)
     if dry_run:
         for task, config in recipe.importance.items():

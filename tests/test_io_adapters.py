@@ -14,7 +14,6 @@ from torch import nn
 
 from hf_sta.errors import CheckpointError
 from hf_sta.io.adapters import (
-    LoraTaskVector,
     factorize_delta,
     lora_delta_weight,
     lora_layouts,
@@ -22,6 +21,7 @@ from hf_sta.io.adapters import (
     write_lora_adapter,
 )
 from hf_sta.io.checkpoints import CheckpointReader, StateDictSource
+from hf_sta.lora_task_vector import LoraTaskVector
 from tests.conftest import load_state_dict, tiny_llama_config
 
 peft = pytest.importorskip("peft")

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .registry import Parameter, register_merge_method
+from .registry import Parameter, Prepared, register_merge_method
 from .selection import density_to_k, topk_mask
 
 NORMALIZATIONS = ("max", "mean", "none")
@@ -119,6 +119,16 @@ def importance_masks(
     return scores >= threshold, scores
 
 
+def prepare_sta(context, params: dict) -> Prepared:
+    """With ``density_scope="global"``, the per-task thresholds keeping the top ``density`` of the whole model."""
+    if params.get("density") is None or params.get("density_scope") != "global":
+        return Prepared()
+    thresholds = global_thresholds(
+        context.importance_rows, len(context.tasks), params["density"], params.get("normalize", "max")
+    )
+    return Prepared(params={"global_threshold": thresholds})
+
+
 @register_merge_method(
     "sta",
     pretty_name="Selective Task Arithmetic",
@@ -126,6 +136,7 @@ def importance_masks(
     paper_url=None,
     parameters=STA_PARAMETERS,
     requires=("importance",),
+    prepare=prepare_sta,
     description="Keep each task's important entries (first-order Taylor importance) and add them up.",
 )
 def sta(
