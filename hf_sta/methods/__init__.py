@@ -8,11 +8,17 @@ that decorates its kernel with ``@register_merge_method(...)``, and one import l
 # Importing a kernel module registers its methods.
 from . import average as _average  # noqa: F401
 from . import breadcrumbs as _breadcrumbs  # noqa: F401
+from . import cart as _cart  # noqa: F401
 from . import dare as _dare  # noqa: F401
+from . import fisher as _fisher  # noqa: F401
+from . import iso as _iso  # noqa: F401
 from . import magnitude_prune as _magnitude_prune  # noqa: F401
+from . import regmean as _regmean  # noqa: F401
 from . import sta as _sta  # noqa: F401
 from . import task_arithmetic as _task_arithmetic  # noqa: F401
 from . import ties as _ties  # noqa: F401
+from . import tsv as _tsv  # noqa: F401
+from . import wudi as _wudi  # noqa: F401
 from .registry import MergeMethod, Parameter, get_merge_method, list_merge_methods, register_merge_method
 
 __all__ = ["MergeMethod", "Parameter", "get_merge_method", "list_merge_methods", "register_merge_method"]
