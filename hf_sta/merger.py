@@ -178,6 +178,7 @@ class STAMerger(ForgetMixin):
         data: Mapping[str, Any] | None = None,
         loss_fn: Mapping[str, Callable] | None = None,
         predict_fn: Mapping[str, Callable] | None = None,
+        validation_data: Mapping[str, Any] | None = None,
         accelerator: Any = None,
         **params: Any,
     ):
@@ -192,7 +193,8 @@ class STAMerger(ForgetMixin):
 
         Learned methods (``adamerging``, ``dv_basi``) take ``data={task: data}`` with ``loss_fn={task:
         fn(model, batch) -> loss}`` (supervised) or ``predict_fn={task: fn(model, batch) -> logits}`` (entropy), and
-        ``accelerator``; their coefficients go to :attr:`last_record`, the recipe and the card.
+        ``accelerator`` (``validation_data={task: data}``: DV-BASI's plateau test); the coefficients go to
+        :attr:`last_record`, the recipe and the card.
         """
         dtype = parse_dtype(torch_dtype)
         config = MergeConfig(
@@ -202,7 +204,8 @@ class STAMerger(ForgetMixin):
             seed=seed, torch_dtype=str(dtype).removeprefix("torch.") if dtype else None, max_shard_size=max_shard_size,
             output_format=output_format, max_rank=max_rank, energy=energy,
         )  # fmt: skip
-        objective = dict(data=data, loss_fn=loss_fn, predict_fn=predict_fn, accelerator=accelerator)
+        objective = dict(data=data, loss_fn=loss_fn, predict_fn=predict_fn, validation_data=validation_data,
+                         accelerator=accelerator)  # fmt: skip
         return self.run(config, output_dir=output_dir, overwrite=overwrite, objective=objective)
 
     def run(

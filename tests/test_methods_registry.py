@@ -40,7 +40,7 @@ def test_unknown_method_lists_available():
     with pytest.raises(ValueError) as error:
         get_merge_method("nope")
     message = str(error.value)
-    assert message.startswith("Unknown merge method 'nope'. Available: average, breadcrumbs, ")
+    assert message.startswith("Unknown merge method 'nope'. Available: adamerging, average, breadcrumbs, ")
     for name in BASELINES:
         assert name in message
 

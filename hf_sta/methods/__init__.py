@@ -6,10 +6,12 @@ that decorates its kernel with ``@register_merge_method(...)``, and one import l
 """
 
 # Importing a kernel module registers its methods.
+from . import adamerging as _adamerging  # noqa: F401
 from . import average as _average  # noqa: F401
 from . import breadcrumbs as _breadcrumbs  # noqa: F401
 from . import cart as _cart  # noqa: F401
 from . import dare as _dare  # noqa: F401
+from . import dv_basi as _dv_basi  # noqa: F401
 from . import fisher as _fisher  # noqa: F401
 from . import iso as _iso  # noqa: F401
 from . import magnitude_prune as _magnitude_prune  # noqa: F401
