@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import method_runs
 from benchmarks.harness import TaskSuite, mean, normalized
 from benchmarks.tasks import TASKS
 
@@ -64,17 +65,6 @@ def _score(suite: TaskSuite, merger, split: str, method: str, **config) -> dict[
     return suite.evaluate(merger.merge(method=method, **config), split)
 
 
-def _tune(suite: TaskSuite, merger, method: str, grid: list[dict]) -> tuple[dict, list[dict]]:
-    trials = []
-    for config in grid:
-        trials.append(
-            {"config": config, "validation": mean(_score(suite, merger, "validation", method, **config).values())}
-        )
-        logger.info("%s %s -> %.4f", method, config, trials[-1]["validation"])
-    best = max(trials, key=lambda trial: trial["validation"])
-    return best["config"], trials
-
-
 def _sta_defaults() -> dict:
     from hf_sta.methods import get_merge_method
 
@@ -102,6 +92,11 @@ def run_seed(seed: int, tasks: list[str], calibration: int) -> dict:
         "sta_defaults": _sta_defaults(),
         "calibration_samples": calibration,
         "scoring": "bf16 autocast" if suite.bf16 else "fp32",
+        "new_methods": {
+            "data_free": method_runs.DATA_FREE_GRIDS,
+            "data_aware": method_runs.DATA_AWARE_GRIDS,
+            "learned": method_runs.LEARNED,
+        },
     }
     path = RESULTS / "merging" / f"seed{seed}.json"
     cached = _saved(path, protocol)
@@ -116,16 +111,23 @@ def run_seed(seed: int, tasks: list[str], calibration: int) -> dict:
     rows["average"] = {"config": {}, "test": _score(suite, merger, "test", "average")}
     rows["sta_default"] = {"config": {}, "test": _score(suite, merger, "test", "sta")}
     for method, grid in GRIDS.items():
-        config, trials = _tune(suite, merger, method, grid)
-        rows[f"{method}_tuned"] = {
-            "config": config,
-            "test": _score(suite, merger, "test", method, **config),
-            "trials": trials,
-        }
+        examples = calibration if method == "sta" else 0
+        rows[f"{method}_tuned"] = method_runs.tuned_row(
+            suite, merger, method, grid, examples_per_task=examples, learnable=0
+        )
+    unit = {}
+    with method_runs.measured(unit):
+        merger.merge(method="task_arithmetic")
+    method_runs.run_data_free(suite, merger, rows)
+    method_runs.run_learned(suite, merger, rows, seed)  # before data-aware: STA + AdaMerging needs taylor importance
+    method_runs.run_data_aware(suite, merger, rows, calibration)
     for row in rows.values():
+        if "seconds" in row:
+            row["time_over_task_arithmetic"] = (row["seconds"] + row.get("measure_seconds", 0.0)) / unit["seconds"]
         row["average"] = mean(row["test"].values())
         row["normalized"] = normalized(row["test"], individual)
     result = {
+        "task_arithmetic_merge_seconds": unit["seconds"],
         "seed": seed,
         "protocol": protocol,
         "rows": rows,
@@ -151,6 +153,7 @@ def run_merge(seeds: list[int], tasks: list[str], calibration: int) -> dict:
             "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0,
             "per_task_mean": {t: statistics.mean(s["rows"][name]["test"][t] for s in per_seed) for t in tasks},
             "configs": [s["rows"][name]["config"] for s in per_seed],
+            "costs": _costs([s["rows"][name] for s in per_seed]),
         }
     return {
         "tasks": tasks,
@@ -159,6 +162,20 @@ def run_merge(seeds: list[int], tasks: list[str], calibration: int) -> dict:
         "summary": summary,
         "per_seed": per_seed,
     }
+
+
+COST_FIELDS = (
+    "examples_per_task",
+    "learnable",
+    "time_over_task_arithmetic",
+    "peak_rss_mb",
+    "seconds_per_step_over_plain",
+)
+
+
+def _costs(rows: list[dict]) -> dict:
+    """Median over seeds of each cost a row records (examples, learnable parameters, time ratio, peak RSS)."""
+    return {f: statistics.median(r[f] for r in rows) for f in COST_FIELDS if all(f in r for r in rows)}
 
 
 def run_ablation(tasks: list[str], seed: int = 0, calibration: int = 128) -> dict:
@@ -326,6 +343,24 @@ def print_merge(result: dict) -> None:
         )
 
 
+def print_costs(result: dict) -> None:
+    print("\nWhat each method costs (median over seeds; time relative to one task-arithmetic merge in the same run)\n")
+    print(
+        "| method | examples / task | learnable parameters | time / TA merge | learned step / plain fwd+bwd | peak RSS (MB) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, row in result["summary"].items():
+        costs = row.get("costs", {})
+        if not costs:
+            continue
+        step = costs.get("seconds_per_step_over_plain")
+        print(
+            f"| {name} | {costs.get('examples_per_task', 0):g} | {costs.get('learnable', 0):g} | "
+            f"{costs.get('time_over_task_arithmetic', float('nan')):.1f} | {'' if step is None else f'{step:.2f}'} | "
+            f"{costs.get('peak_rss_mb', float('nan')):.0f} |"
+        )
+
+
 def print_ablation(result: dict) -> None:
     print(
         f"\nSTA ablations (seed {result['seed']}, scaling 1, validation): normalised accuracy; best grid cell "
@@ -366,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.part == "merge":
         result = run_merge(args.seeds, args.tasks, args.calibration_samples)
         print_merge(result)
+        print_costs(result)
         name = "merging"
     elif args.part == "ablation":
         result = run_ablation(args.tasks, seed=args.seeds[0], calibration=args.calibration_samples)

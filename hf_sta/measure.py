@@ -84,9 +84,8 @@ def load_finetuned_model(pool: TaskPool, task: str, *, trust_remote_code: bool =
 
 
 def load_tokenizer(pool: TaskPool, task: str, data: Any) -> Any:
-    """The tokenizer next to the task's fine-tuned checkpoint or the base (``None`` for tokenized data)."""
-    if "input_ids" in getattr(data, "column_names", []):
-        return None
+    """The tokenizer next to the task's fine-tuned checkpoint or the base: it tokenizes raw text and pads tokenized
+    rows of unequal length. ``None`` for tokenized data when there is none (rows are then collated as they are)."""
     from transformers import AutoTokenizer
 
     for folder in (
@@ -97,6 +96,8 @@ def load_tokenizer(pool: TaskPool, task: str, data: Any) -> Any:
             (folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
         ):
             return AutoTokenizer.from_pretrained(folder)
+    if "input_ids" in getattr(data, "column_names", []):
+        return None
     raise ValueError(f"No tokenizer found for task '{task}': pass `tokenizer=` or tokenized data.")
 
 

@@ -36,7 +36,6 @@ class LearningInputs:
     loss_fn: dict[str, Any]  # {task: objective name or fn(model_fn, batch)}
     to_base: dict[str, str]  # {model name: base name}
     accelerator: Any
-    examples: dict[str, int]
 
 
 def _objectives(context, tasks: list[str], default: str) -> tuple[dict[str, Any], bool]:
@@ -78,14 +77,6 @@ def _batches(context, task: str, model, data, accelerator, supervised: bool, par
     return batches
 
 
-def _count(batches: list[Any]) -> int:
-    total = 0
-    for batch in batches:
-        first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
-        total += int(first.shape[0])
-    return total
-
-
 def learning_inputs(
     context, method: str, params: dict, *, default_objective: str, masks: Callable | None = None
 ) -> LearningInputs:
@@ -125,5 +116,4 @@ def learning_inputs(
         validation = {
             t: _batches(context, t, model, validation_data[t], accelerator, supervised, params) for t in tasks
         }
-    examples = {t: _count(b) for t, b in batches.items()}
-    return LearningInputs(model, base, vectors, heads, batches, validation, loss_fn, to_base, accelerator, examples)
+    return LearningInputs(model, base, vectors, heads, batches, validation, loss_fn, to_base, accelerator)

@@ -72,7 +72,9 @@ def sta_masks(context, params: dict) -> Masks | None:
 
     def masks(key: str, shape: tuple[int, ...]) -> torch.Tensor:
         scores = context.stacked_scores(key, shape)
-        kept, _ = importance_masks(scores, density=params["density"], density_scope="tensor", normalize="max")
+        kept, _ = importance_masks(
+            scores, threshold=None, density=params["density"], density_scope="tensor", normalize="max"
+        )
         return kept
 
     return masks
@@ -110,7 +112,7 @@ def prepare_adamerging(context, params: dict) -> Prepared:
     per_key = {inputs.to_base[name]: values for name, values in learned.tensor_coefficients().items()}
     record = {
         "method": "adamerging", "tasks": list(context.tasks), "granularity": params["granularity"],
-        "num_learnable": learned.num_learnable, "examples_used": dict(inputs.examples), "steps": params["steps"],
+        "num_learnable": learned.num_learnable, "examples_used": dict(learned.examples_used), "steps": params["steps"],
         "objective": [round(learned.history[0], 6), round(learned.history[-1], 6)] if learned.history else None,
         "coefficients": rounded(learned.coefficients),
     }  # fmt: skip

@@ -74,7 +74,7 @@ def prepare_dv_basi(context, params: dict) -> Prepared:
         "method": "dv_basi", "tasks": list(context.tasks), "basis": list(result.basis),
         "granularity": params["granularity"], "rounds_run": len(result.rounds), "best_round": result.best,
         "num_learnable": result.num_learnable, "num_learnable_per_round": result.num_learnable_per_round,
-        "examples_used": dict(inputs.examples), "validation": [round(v, 6) for v in result.validation],
+        "examples_used": dict(result.examples_used), "validation": [round(v, 6) for v in result.validation],
         "coefficients": rounded(result.coefficients),
     }  # fmt: skip
     return Prepared(per_tensor=per_tensor, record=record)
