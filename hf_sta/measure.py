@@ -220,15 +220,19 @@ def _finish_scores(vector, model, names: dict[str, str], metric: str, gradients:
     return scores
 
 
+def _check_same_model(what: str, saved_hash: str | None, task: str, model_hash: str) -> None:
+    """A measurement saved with a model hash belongs to that model only."""
+    if saved_hash and saved_hash != model_hash:
+        raise CheckpointError(
+            f"{what} computed on another model (hash {saved_hash}) than task '{task}' (hash {model_hash})."
+        )
+
+
 def load_importance(pool: TaskPool, task: str, path: str | os.PathLike) -> ImportanceScores:
     """Importance saved by ``ImportanceScores.save``; refuses scores of another model or of other tensors."""
     vector = pool.vector(task)
     scores = ImportanceScores.load(path)
-    if scores.model_hash and scores.model_hash != vector.model_hash:
-        raise CheckpointError(
-            f"Importance file '{path}' was computed on another model (hash {scores.model_hash}) than task "
-            f"'{task}' (hash {vector.model_hash})."
-        )
+    _check_same_model(f"Importance file '{path}' was", scores.model_hash, task, vector.model_hash)
     for key in vector.keys():
         if key not in scores:
             raise CheckpointError(f"Importance file '{path}' has no scores for tensor '{key}' of task '{task}'.")
@@ -292,11 +296,7 @@ def load_activation_statistics(pool: TaskPool, task: str, path: str | os.PathLik
     """Statistics saved by ``ActivationStatistics.save``; refuses Grams of another model or of other shapes."""
     vector = pool.vector(task)
     stats = ActivationStatistics.load(path)
-    if stats.model_hash and stats.model_hash != vector.model_hash:
-        raise CheckpointError(
-            f"Activation statistics '{path}' were computed on another model (hash {stats.model_hash}) than task "
-            f"'{task}' (hash {vector.model_hash})."
-        )
+    _check_same_model(f"Activation statistics '{path}' were", stats.model_hash, task, vector.model_hash)
     for key in stats.keys():
         if key not in pool.base:
             raise CheckpointError(f"Activation statistics '{path}' have a Gram for '{key}', not a tensor of the base.")
