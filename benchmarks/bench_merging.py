@@ -81,6 +81,21 @@ def _saved(path: Path, protocol: dict) -> dict | None:
     return None
 
 
+class _CheckpointedRows(dict):
+    """The rows of one seed, written to ``path`` (with the protocol) each time one is added, so a seed interrupted
+    after hours restarts at the first method it had not finished (the rows are reused only under the same protocol)."""
+
+    def __init__(self, path: Path, protocol: dict) -> None:
+        saved = _saved(path, protocol)
+        super().__init__(saved["rows"] if saved else {})
+        self.path, self.protocol = path, protocol
+
+    def __setitem__(self, key: str, value: dict) -> None:
+        super().__setitem__(key, value)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"protocol": self.protocol, "rows": dict(self)}, default=str) + "\n")
+
+
 def run_seed(seed: int, tasks: list[str], calibration: int) -> dict:
     """One seed of the merge table; saved to ``results/merging/seed<seed>.json`` and reused by later runs whose
     protocol (tasks, fine-tune folders, grids, STA defaults, calibration size, scoring precision) is the same."""
@@ -107,14 +122,17 @@ def run_seed(seed: int, tasks: list[str], calibration: int) -> dict:
     merger = suite.merger()
     for task in tasks:
         suite.importance(merger, task, calibration)
-    rows = {"individual": {"config": {}, "test": individual}}
-    rows["average"] = {"config": {}, "test": _score(suite, merger, "test", "average")}
-    rows["sta_default"] = {"config": {}, "test": _score(suite, merger, "test", "sta")}
+    rows = _CheckpointedRows(RESULTS / "merging" / f"seed{seed}.partial.json", protocol)
+    rows["individual"] = {"config": {}, "test": individual}
+    if "sta_default" not in rows:
+        rows["average"] = {"config": {}, "test": _score(suite, merger, "test", "average")}
+        rows["sta_default"] = {"config": {}, "test": _score(suite, merger, "test", "sta")}
     for method, grid in GRIDS.items():
         examples = calibration if method == "sta" else 0
-        rows[f"{method}_tuned"] = method_runs.tuned_row(
-            suite, merger, method, grid, examples_per_task=examples, learnable=0
-        )
+        if f"{method}_tuned" not in rows:
+            rows[f"{method}_tuned"] = method_runs.tuned_row(
+                suite, merger, method, grid, examples_per_task=examples, learnable=0
+            )
     unit = {}
     with method_runs.measured(unit):
         merger.merge(method="task_arithmetic")
@@ -130,13 +148,14 @@ def run_seed(seed: int, tasks: list[str], calibration: int) -> dict:
         "task_arithmetic_merge_seconds": unit["seconds"],
         "seed": seed,
         "protocol": protocol,
-        "rows": rows,
+        "rows": dict(rows),
         "seconds": time.perf_counter() - started,
         "environment": _environment(suite),
     }
     logger.info("seed %d done in %.0f s", seed, result["seconds"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    rows.path.unlink()
     return result
 
 

@@ -120,12 +120,16 @@ def tuned_row(suite: TaskSuite, merger, method: str, grid: list[dict], **row) ->
 
 def run_data_free(suite: TaskSuite, merger, rows: dict, grids: dict = DATA_FREE_GRIDS) -> None:
     for method, grid in grids.items():
+        if f"{method}_tuned" in rows:
+            continue
         rows[f"{method}_tuned"] = tuned_row(suite, merger, method, grid, examples_per_task=0, learnable=0)
 
 
 def run_data_aware(suite: TaskSuite, merger, rows: dict, calibration: int, grids: dict = DATA_AWARE_GRIDS) -> None:
     """Fisher (per-sample squared gradients on ``calibration`` training examples) and RegMean (activation Grams)."""
     for method, grid in grids.items():
+        if f"{method}_tuned" in rows:
+            continue
         measure: dict = {}
         with measured(measure):
             for task in suite.tasks:
@@ -148,6 +152,8 @@ def run_learned(suite: TaskSuite, merger, rows: dict, seed: int, settings: dict 
     train = {t: tokenized(suite, t, "train") for t in suite.tasks}
     unit = plain_step_seconds(suite, merger)
     for name, params in settings.items():
+        if name in rows:
+            continue
         method = "adamerging" if name.endswith("adamerging") else name
         params = dict(params)
         row: dict = {"config": params}
