@@ -108,3 +108,47 @@ def test_fisher_merge_is_the_closed_form_on_the_stored_fisher(merger):
         theta = torch.stack([merger.base.get_tensor(key) + merger.task_vectors[t].get(key) for t in merger.tasks])
         expected = (fisher * theta).sum(0) / fisher.sum(0)
         torch.testing.assert_close(merged[key], expected, atol=1e-5, rtol=1e-4)
+
+
+class _PointwiseNet(torch.nn.Module):
+    """3x3 conv -> pointwise (1x1) conv -> pooled linear head: RegMean's linear map is the pointwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.point = torch.nn.Conv2d(6, 5, 1)
+        self.head = torch.nn.Linear(5, 2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.point(torch.relu(self.stem(images)))).mean((2, 3)))
+
+
+def test_regmean_pointwise_conv_is_least_squares_over_positions():
+    torch.manual_seed(0)
+    base = _PointwiseNet()
+    finetuned = {}
+    for task in ("a", "b"):
+        model = _PointwiseNet()
+        model.load_state_dict({k: v + 0.3 * torch.randn_like(v) for k, v in base.state_dict().items()})
+        finetuned[task] = model
+    images = {task: torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(i)) for i, task in enumerate("ab")}
+    merger = STAMerger.from_pretrained(base.state_dict(), {t: m.state_dict() for t, m in finetuned.items()})
+    for task in merger.tasks:
+        loader = torch.utils.data.DataLoader(images[task], batch_size=3)
+        merger.compute_activation_statistics(
+            task, loader, model=finetuned[task], num_samples=None, show_progress=False
+        )
+    merged = merger.merge(method="regmean", alpha=1.0)
+    rows, targets = [], []
+    for task in merger.tasks:  # per-position channel vectors entering `point`, equal weight per task
+        model = finetuned[task]
+        inputs = torch.relu(model.stem(images[task])).detach().movedim(1, -1).reshape(-1, 6)
+        scale = inputs.shape[0] ** -0.5
+        rows.append(inputs * scale)
+        targets.append(inputs @ model.point.weight.detach()[:, :, 0, 0].T * scale)
+    expected = torch.linalg.lstsq(torch.cat(rows).double(), torch.cat(targets).double()).solution.T.float()
+    assert merged["point.weight"].shape == (5, 6, 1, 1)
+    torch.testing.assert_close(merged["point.weight"][:, :, 0, 0], expected, atol=2e-4, rtol=1e-3)
+    # the 3x3 conv has no Gram: the average of the fine-tunes
+    mean_stem = torch.stack([finetuned[t].stem.weight.detach() for t in "ab"]).mean(0)
+    torch.testing.assert_close(merged["stem.weight"], mean_stem)

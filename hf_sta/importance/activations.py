@@ -45,15 +45,21 @@ def _conv1d_class() -> type | None:
 
 
 def linear_layers(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """``{module name: (module, layout)}`` of every ``nn.Linear`` (``"out_in"``) and ``Conv1D`` (``"in_out"``)."""
+    """``{module name: (module, layout)}`` of every ``nn.Linear`` and pointwise ``nn.Conv2d`` (1x1 kernel, one group:
+    a linear map of the channels at every position, weight ``[out, in, 1, 1]``) (``"out_in"``) and ``Conv1D``
+    (``"in_out"``)."""
     conv1d = _conv1d_class()
     layers: dict[str, tuple[nn.Module, str]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or _is_pointwise_conv(module):
             layers[name] = (module, "out_in")
         elif conv1d is not None and isinstance(module, conv1d):
             layers[name] = (module, "in_out")
     return layers
+
+
+def _is_pointwise_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1
 
 
 def _weight_key(module_name: str) -> str:
@@ -143,7 +149,8 @@ class _GramHooks:
         for index, (key, module, layout) in enumerate(layers):
             in_features = module.weight.shape[1] if layout == "out_in" else module.weight.shape[0]
             self.accumulators[key] = torch.zeros(in_features, in_features, dtype=dtype, device=device)
-            self.handles.append(module.register_forward_pre_hook(self._hook(key, index), with_kwargs=True))
+            hook = self._hook(key, index, channels_first=_is_pointwise_conv(module))
+            self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def set_batch(self, batch: Any) -> None:
         mask = _token_mask(batch)
@@ -151,11 +158,14 @@ class _GramHooks:
         self.mask_rows = mask.sum(dtype=torch.float64) if mask is not None else None
         self._last = None
 
-    def _hook(self, key: str, index: int):
+    def _hook(self, key: str, index: int, channels_first: bool = False):
+        """``channels_first``: a pointwise convolution, whose ``[batch, in, H, W]`` input holds one row per position."""
         accumulator = self.accumulators[key]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             inputs = args[0] if args else next(iter(kwargs.values()), None)
+            if channels_first and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
+                inputs = inputs.movedim(1, -1)
             if not isinstance(inputs, torch.Tensor) or inputs.shape[-1] != accumulator.shape[0]:
                 raise ValueError(
                     f"Layer '{key}' received an input of shape "

@@ -120,7 +120,8 @@ def regmean(
     ``"task_arithmetic"`` gives ``sum_t w_t tau_t``.
 
     Args:
-        task_tensors: ``[T, *shape]`` task vectors (fp32). Not modified.
+        task_tensors: ``[T, *shape]`` task vectors (fp32); with ``gram``, ``[T, out, in]`` (or ``[T, in, out]``), or
+            ``[T, out, in, 1, 1]`` for a pointwise ``nn.Conv2d``. Not modified.
         weights: ``[T]`` per-task weights; with ``gram``, ``>= 0`` with a positive sum.
         generator: unused (deterministic method).
         gram: ``[T, in, in]`` input Gram matrices ``X_t^T X_t`` of the layer, or ``None``.
@@ -146,6 +147,10 @@ def regmean(
 
     if gram_layout not in GRAM_LAYOUTS:
         raise ValueError(f"gram_layout must be 'out_in' or 'in_out', got {gram_layout!r}")
+    if task_tensors.dim() == 5 and tuple(task_tensors.shape[3:]) == (1, 1) and gram_layout == "out_in":
+        # A pointwise convolution, [T, out, in, 1, 1]: the linear layer of its channels.
+        merged = regmean(task_tensors[..., 0, 0], weights, gram=gram, gram_layout=gram_layout, alpha=alpha)
+        return merged[..., None, None]
     num_tasks = task_tensors.shape[0]
     if task_tensors.dim() != 3:
         raise ValueError(f"regmean with a Gram matrix needs 2-D weights, got task_tensors {list(task_tensors.shape)}")
