@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import vision_methods
 from benchmarks.vision import (
     HEAD_PATTERNS,
     FinetuneConfig,
@@ -65,6 +66,16 @@ TINY_GRIDS = {
     "ties": [{"density": 0.2, "scaling": s} for s in (0.7, 1.0)],
     "sta": [{"density": d, "scaling": 1.0} for d in (0.2, 0.4)],
 }
+NEW_METHODS = {
+    "data_free": vision_methods.DATA_FREE_GRIDS,
+    "data_aware": vision_methods.DATA_AWARE_GRIDS,
+    "learned": vision_methods.LEARNED,
+}
+TINY_NEW_METHODS = {
+    "data_free": vision_methods.TINY_DATA_FREE,
+    "data_aware": vision_methods.TINY_DATA_AWARE,
+    "learned": vision_methods.TINY_LEARNED,
+}
 CALIBRATION_SAMPLES = 64
 MIN_MARGIN_OVER_CHANCE = 0.2
 VARIANTS = {False: "base stats", True: "re-estimated"}
@@ -75,6 +86,7 @@ ROW_LABELS = {
     "ties": "TIES (tuned)",
     "sta_default": "STA defaults (no tuning)",
     "sta": "STA (tuned)",
+    **vision_methods.LABELS,
 }
 
 
@@ -157,7 +169,11 @@ class Benchmark:
         self, split: str, method: str, config: Mapping[str, Any], variants=(False, True)
     ) -> dict[bool, dict[str, float]]:
         """``{reestimated: {task: accuracy}}`` of one merge on ``split``."""
-        model = self.suite.model(self.merger.merge(method=method, **config))
+        return self.score_state(split, self.merger.merge(method=method, **config), variants)
+
+    def score_state(self, split: str, state, variants=(False, True)) -> dict[bool, dict[str, float]]:
+        """``{reestimated: {task: accuracy}}`` of a merged state dict on ``split``."""
+        model = self.suite.model(state)
         scores = {}
         if False in variants:
             scores[False] = self.suite.evaluate(model, split)
@@ -202,7 +218,35 @@ def _row(name: str, variant: bool | None, test: Mapping[str, float], individual,
     }
 
 
-def run(suite: VisionSuite, *, grids: Mapping[str, list[dict]], calibration: int, check_chance: bool) -> dict:
+def _new_method_rows(bench, individual, timings: dict, calibration: int, methods: Mapping[str, dict]) -> list[dict]:
+    """The issue-13 methods (``benchmarks.vision_methods``): data-free and data-aware ones tuned on validation like the
+    rows above, learned ones at fixed settings (their coefficients are what they learn)."""
+    rows = []
+    for method, grid in {**methods["data_free"], **methods["data_aware"]}.items():
+        tick = time.perf_counter()
+        extra = {}
+        if method in methods["data_aware"]:
+            extra["measure_seconds"] = vision_methods.measure_data_aware(bench, method, calibration)
+        for variant, tuned in bench.tuned(method, grid).items():
+            rows.append(_row(method, variant, tuned.pop("test"), individual, **tuned, **extra))
+        timings[f"{method}_tuned"] = time.perf_counter() - tick
+    for method, params in methods["learned"].items():
+        tick = time.perf_counter()
+        scores, record = vision_methods.learned_scores(bench, method, params, calibration)
+        for variant in VARIANTS:
+            rows.append(_row(method, variant, scores[variant], individual, config=params, record=record))
+        timings[method] = time.perf_counter() - tick
+    return rows
+
+
+def run(
+    suite: VisionSuite,
+    *,
+    grids: Mapping[str, list[dict]],
+    calibration: int,
+    check_chance: bool,
+    new_methods: Mapping[str, dict] | None = None,
+) -> dict:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     suite.prepare()
@@ -234,6 +278,8 @@ def run(suite: VisionSuite, *, grids: Mapping[str, list[dict]], calibration: int
         for variant, tuned in bench.tuned(method, grid).items():
             rows.append(_row(method, variant, tuned.pop("test"), individual, **tuned))
         timings[f"{method}_tuned"] = time.perf_counter() - tick
+    if new_methods:
+        rows += _new_method_rows(bench, individual, timings, calibration, new_methods)
     order = list(ROW_LABELS)
     rows.sort(key=lambda row: (order.index(row["name"]), row["bn_stats"] == "re-estimated"))
     timings["total"] = time.perf_counter() - started
@@ -247,6 +293,7 @@ def run(suite: VisionSuite, *, grids: Mapping[str, list[dict]], calibration: int
         "finetune_seconds": suite.finetune_seconds,
         "split_sizes": {t: {s: len(suite.data[t][s]) for s in suite.data[t]} for t in suite.tasks},
         "grids": grids,
+        "new_methods": new_methods,
         "rows": rows,
         "timings_s": timings,
         "environment": _environment(),
@@ -301,14 +348,16 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.tiny:
             result = run(
-                tiny_suite(), grids=TINY_GRIDS, calibration=args.calibration_samples or 16, check_chance=False
-            )
+                tiny_suite(), grids=TINY_GRIDS, calibration=args.calibration_samples or 16, check_chance=False,
+                new_methods=TINY_NEW_METHODS,
+            )  # fmt: skip
         else:
             result = run(
                 VisionSuite.efficientnet(),
                 grids=GRIDS,
                 calibration=args.calibration_samples or CALIBRATION_SAMPLES,
                 check_chance=True,
+                new_methods=NEW_METHODS,
             )
     finally:
         torch.set_num_threads(previous_threads)

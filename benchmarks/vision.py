@@ -243,7 +243,7 @@ def efficientnet_builder(resolution: int = RESOLUTION) -> Callable[[int], nn.Mod
 
 
 class TinyBNNet(nn.Module):
-    """Conv-BN-ReLU x 3 + global pooling + ``_fc``: EfficientNet's interface (``extract_features``, ``_avg_pooling``,
+    """Conv-BN-ReLU x 4 (the last one pointwise) + global pooling + ``_fc``: EfficientNet's interface (``extract_features``, ``_avg_pooling``,
     ``_fc``) in a few thousand parameters, for ``--tiny`` and tests."""
 
     def __init__(self, num_classes: int = 5, width: int = 8) -> None:
@@ -256,6 +256,9 @@ class TinyBNNet(nn.Module):
             nn.BatchNorm2d(2 * width),
             nn.ReLU(),
             nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 1, bias=False),  # pointwise, as EfficientNet's expand / project
             nn.BatchNorm2d(2 * width),
             nn.ReLU(),
         )

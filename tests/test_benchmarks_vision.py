@@ -30,7 +30,9 @@ def test_tiny_rows_table_and_json(tiny_result):
     assert tasks == ["synthetic_0", "synthetic_1", "synthetic_2"]
     names = [(row["name"], row["bn_stats"]) for row in tiny_result["rows"]]
     expected = [("individual", "fine-tuned (own)")]
-    for name in ("average", "task_arithmetic", "ties", "sta_default", "sta"):
+    new_methods = [*bench_vision.TINY_NEW_METHODS["data_free"], *bench_vision.TINY_NEW_METHODS["data_aware"]]
+    new_methods += list(bench_vision.TINY_NEW_METHODS["learned"])
+    for name in ("average", "task_arithmetic", "ties", "sta_default", "sta", *new_methods):
         expected += [(name, "base stats"), (name, "re-estimated")]
     assert names == expected
     for row in tiny_result["rows"]:
@@ -41,8 +43,10 @@ def test_tiny_rows_table_and_json(tiny_result):
     assert individual["normalized"] == pytest.approx(1.0)
     assert tiny_result["individual_beats_chance"]
     for row in tiny_result["rows"]:
-        if row["name"] in bench_vision.TINY_GRIDS:  # tuned rows: a grid member, chosen by its validation score
-            grid = bench_vision.TINY_GRIDS[row["name"]]
+        grids = {**bench_vision.TINY_GRIDS, **bench_vision.TINY_NEW_METHODS["data_free"]}
+        grids.update(bench_vision.TINY_NEW_METHODS["data_aware"])
+        if row["name"] in grids:  # tuned rows: a grid member, chosen by its validation score
+            grid = grids[row["name"]]
             assert row["config"] in grid and len(row["trials"]) == len(grid)
             assert row["validation"] == max(trial[row["bn_stats"]] for trial in row["trials"])
     # The synthetic tasks' statistics differ from the random base's: merging without re-estimation collapses.
@@ -66,7 +70,7 @@ def test_reestimation_matches_batch_statistics_oracle():
     state = merger.merge(method="average")
     assert torch.equal(state["_fc.weight"], suite.base_state["_fc.weight"])
     stats = [k for k in state if k.endswith(("running_mean", "running_var"))]
-    assert len(stats) == 6 and all(torch.equal(state[k], suite.base_state[k]) for k in stats)  # copied, not merged
+    assert len(stats) == 8 and all(torch.equal(state[k], suite.base_state[k]) for k in stats)  # copied, not merged
 
     model = suite.model(state)
     batches = suite.bn_batches()

@@ -95,7 +95,8 @@ def learning_inputs(
             "predict_fn={task: fn(model, batch) -> logits})."
         )
     loss_fn, supervised = _objectives(context, tasks, default_objective)
-    model = context.objective.get("model") or load_finetuned_model(context.pool, tasks[0])
+    model = context.objective.get("model")
+    model = load_finetuned_model(context.pool, tasks[0]) if model is None else model
     accelerator = default_accelerator(context.objective.get("accelerator"))
     to_base: dict[str, str] = {}
     for task in tasks:
