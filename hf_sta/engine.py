@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .auto import search_settings, split_auto
 from .config import MergeConfig, parse_dtype
 from .errors import ConfigError
 from .importance import ImportanceScores
@@ -266,7 +267,9 @@ def merge_job(
     ordered_output: bool = False,
 ) -> MergeJob:
     """Validate ``config``, check the method's requirements, run its ``prepare`` hook (unless ``prepared`` is given)
-    and build the stream. ``ordered_output``: the sink needs plan order (a state dict); adapters always do."""
+    and build the stream. ``ordered_output``: the sink needs plan order (a state dict); adapters always do.
+    ``scaling="auto"`` / ``density="auto"`` are chosen first on the objective's data (``hf_sta.auto``)."""
+    config, auto_request = split_auto(config)
     config = config.validated()
     spec = get_merge_method(config.method)
     tasks = pool.task_list(config.tasks)
@@ -275,12 +278,17 @@ def merge_job(
         pool, tasks, pool.weights(tasks, config.weights), importance, statistics, objective, config.seed
     )
     check_requirements(context, spec)
+    if auto_request is not None:
+        config, prepared = search_settings(context, config, spec, auto_request)
     if prepared is None:
         prepared = spec.prepare(context, config.params) if spec.prepare is not None else Prepared()
     plan = plan_tensors(pool.base, parse_dtype(config.torch_dtype))
     recipe = {**pool.recipe_inputs(tasks), "merge": dataclasses.asdict(config)}
-    if prepared.record:
-        recipe["merge"]["learned"] = prepared.record
+    learned = {k: v for k, v in prepared.record.items() if k != "auto"}
+    if learned:
+        recipe["merge"]["learned"] = learned
+    if "auto" in prepared.record:
+        recipe["merge"]["auto"] = prepared.record["auto"]
     adapter = {"max_rank": config.max_rank, "energy": config.energy} if config.output_format == "adapter" else None
     if adapter:
         recipe.update(output_format="adapter", adapter=dict(adapter))
