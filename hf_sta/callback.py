@@ -301,7 +301,8 @@ class STAMergeCallback(TrainerCallback):
                 )
             output = merger.run(self.merge_config, output_dir=self.output_dir, overwrite=self.overwrite)
         if self.task_name in merger.importance:
-            merger.save_importance(self.task_name, Path(output) / IMPORTANCE_FOLDER / f"{self.task_name}.safetensors")
+            path = Path(output) / IMPORTANCE_FOLDER / f"{self.task_name}.safetensors"
+            merger.save_importance(self.task_name, path, overwrite=True)
         self.merger = merger
         if self.push_to_hub is not None:
             self.commit = self.push_to_hub.push(output)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -21,11 +23,14 @@ from .methods.sta import DEFAULT_FORGET_DENSITY, forget_delta, global_thresholds
 from .pool import TaskPool, check_compatible
 from .task_vector import TaskVector
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "FORGET_METHODS",
     "ForgetJob",
     "ForgettingCurve",
     "forget_job",
+    "check_scaling",
     "forget_params",
     "forget_stream",
     "forget_target",
@@ -46,6 +51,14 @@ def forget_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     if method == "sta" and params.get("density") is None and params.get("threshold") is None:
         params["density"] = DEFAULT_FORGET_DENSITY
     return params
+
+
+def check_scaling(scaling: Any, name: str = "scaling") -> float:
+    """``scaling`` as a float; a bool, a non-number, NaN or +-inf raises :class:`ConfigError` naming ``name`` (a
+    NaN/inf scaling would write a checkpoint full of NaN)."""
+    if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not math.isfinite(scaling):
+        raise ConfigError(f"{name} must be a finite number, got {scaling!r}.")
+    return float(scaling)
 
 
 def forget_target(pool: TaskPool, target: str | os.PathLike | None) -> tuple[TensorSource | None, TaskVector | None]:
@@ -70,8 +83,7 @@ def forget_stream(
     target: str | os.PathLike | None,
 ) -> Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None, None]]:
     """``(item, theta, -scaling * m_f tau_f or None, None)`` per base tensor, ``theta`` the target's tensor."""
-    if not isinstance(scaling, int | float):
-        raise ConfigError(f"scaling must be a number, got {scaling!r}.")
+    scaling = check_scaling(scaling)
     vector = pool.vector(task)
     target_source, target_vector = forget_target(pool, target)
     if scores is not None and params.get("density") is not None and params.get("density_scope") == "global":
@@ -128,6 +140,7 @@ def forget_job(
     params: dict[str, Any],
 ) -> ForgetJob:
     """Check the inputs of :meth:`STAMerger.forget` and build its edit stream and recipe (nothing is read yet)."""
+    scaling = check_scaling(scaling)
     params = forget_params(method, params)
     pool.vector(task)
     if method == "sta" and task not in importance:
@@ -226,6 +239,10 @@ class ForgetMixin:
                        max_rank=max_rank, energy=energy)  # fmt: skip
         self._last_operation = ("forget", {"task": task, "max_shard_size": max_shard_size, **options, **params})
         job = forget_job(self.pool, self.importance, task, params=params, **options)
+        if output_dir is not None and job.recipe["forget"]["scaling"] == 0.0:  # tune_forgetting's baseline is 0 too
+            logger.warning(
+                "forget(scaling=0) writes '%s' unchanged: nothing of task '%s' is removed.", output_dir, task
+            )
         self.last_kept_fraction = {}
         return self.writer.emit(
             job.stream, job.plan, recipe=job.recipe, head_tasks=job.head_tasks, output_dir=output_dir,

@@ -170,6 +170,9 @@ def _method_params(
     return data, checked
 
 
+RECORDED_RESULTS = ("learned", "auto")
+
+
 def parse_merge_config(data: Any, path: str = "merge") -> MergeConfig:
     """A validated :class:`~hf_sta.config.MergeConfig` from a ``merge:`` mapping.
 
@@ -179,6 +182,9 @@ def parse_merge_config(data: Any, path: str = "merge") -> MergeConfig:
     from .methods import get_merge_method
 
     data = _mapping(data, path)
+    # what a merge measured (learned coefficients, the auto search) is recorded in the written recipe's merge
+    # section; re-running that recipe starts from its inputs again, so those records are not settings
+    data = {key: value for key, value in data.items() if key not in RECORDED_RESULTS}
     fields = [f.name for f in dataclasses.fields(MergeConfig)]
     method = data.get("method", MergeConfig.method)
     try:
@@ -465,7 +471,8 @@ class Recipe:
         output_dir: where to write the result.
         overwrite: replace a non-empty ``output_dir``.
         push_to_hub: upload the result (:class:`PushConfig`, or just a repo id).
-        trust_remote_code: allow custom model code when loading models for calibration.
+        trust_remote_code: allow custom model code (``auto_map``) when loading models; a YAML file cannot set it
+            by itself (see :meth:`from_yaml`).
         output_format: ``"adapter"`` writes a PEFT LoRA adapter instead of a full checkpoint (as the merger records
             it; ``merge.output_format`` / ``forget.as_adapter`` say the same).
         adapter: the adapter's ``max_rank`` / ``energy`` (defaults for the section's own), and what the merger
@@ -598,7 +605,10 @@ class Recipe:
         )
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> Recipe:
+    def from_yaml(cls, path: str | os.PathLike, *, trust_remote_code: bool = False) -> Recipe:
+        """Read and validate a YAML recipe. Recipes are shared next to pushed models, so a file cannot enable remote
+        code by itself: ``trust_remote_code: true`` in it is refused unless the caller passes ``trust_remote_code=True``
+        (``hf-sta merge --trust-remote-code``), and the caller's value is what the recipe runs with."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Recipe '{path}' does not exist.")
@@ -608,7 +618,14 @@ class Recipe:
             raise ConfigError(f"'{path}' is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"'{path}' must hold a mapping of fields, got {type(data).__name__}")
-        return cls.from_dict(data)
+        recipe = cls.from_dict(data)
+        if recipe.trust_remote_code and not trust_remote_code:
+            raise ConfigError(
+                f"trust_remote_code: '{path}' sets trust_remote_code: true, which would run the checkpoints' own Python "
+                "code; a recipe cannot enable that by itself: pass --trust-remote-code (Recipe.from_yaml(path, "
+                "trust_remote_code=True)) if you trust every model it names"
+            )
+        return dataclasses.replace(recipe, trust_remote_code=bool(trust_remote_code))
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data; :meth:`from_dict` of it gives an equal recipe. Empty sections are left out."""

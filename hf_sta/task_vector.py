@@ -11,8 +11,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from .io.checkpoints import (
     StreamingSafetensorsWriter,
     TensorPlan,
     TensorSource,
+    atomic_file_path,
     fingerprint,
     open_checkpoint,
 )
@@ -280,24 +279,28 @@ class TaskVector:
             result[key] = tensor
         return result
 
-    def save(self, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None) -> Path:
-        """Write the deltas (fp32) as one safetensors file: what a site ships instead of its data."""
+    def save(
+        self, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None, overwrite: bool = False
+    ) -> Path:
+        """Write the deltas (fp32) as one safetensors file: what a site ships instead of its data. Streamed into a
+        temporary sibling that replaces ``path`` only once complete; an existing ``path`` is refused unless
+        ``overwrite``."""
         path = Path(path)
         keys = self.keys()
         plan = [TensorPlan(key, self.shape(key), torch.float32) for key in keys]
         meta = {"hf_sta_kind": "task_vector", "task": self.name, **(metadata or {})}
         if isinstance(self, CheckpointTaskVector | StoredTaskVector):
             meta.setdefault("model_hash", self.model_hash)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            writer = StreamingSafetensorsWriter(tmp, plan, max_shard_size=2**62, metadata=meta, weights_name=path.name)
-            for key in keys:
-                writer.write(key, self.get(key))
-            writer.finish()
-            os.replace(tmp / path.name, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_file_path(path, overwrite=overwrite) as tmp:
+            writer = StreamingSafetensorsWriter(
+                tmp.parent, plan, max_shard_size=2**62, metadata=meta, weights_name=tmp.name
+            )
+            try:
+                for key in keys:
+                    writer.write(key, self.get(key))
+                writer.finish()
+            finally:
+                writer.abort()
         return path
 
     # -- constructors --------------------------------------------------------------------------------------------------

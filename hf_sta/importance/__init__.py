@@ -68,9 +68,11 @@ class ImportanceScores:
                 meta[key] = str(getattr(self, key))
         return meta
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the scores and their metadata to ``path`` atomically (a temporary sibling, then ``os.replace``);
+        an existing ``path`` is refused unless ``overwrite``."""
         path = Path(path)
-        save_tensors(path, {key: self[key] for key in self.keys()}, self.metadata)
+        save_tensors(path, {key: self[key] for key in self.keys()}, self.metadata, overwrite=overwrite)
         return path
 
     @classmethod

@@ -102,7 +102,7 @@ def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
         from peft.utils.other import get_pattern_key as peft_get_pattern_key
 
         return peft_get_pattern_key(list(pattern_keys), key_to_match)
-    except ImportError:  # pragma: no cover - peft is a dependency; this copy documents the rule
+    except ImportError:  # PEFT releases before the helper existed (peft>=0.13 is allowed); the same rule
         for key in pattern_keys:
             if re.match(rf"(.*\.)?({key})$", key_to_match):
                 return key
@@ -221,26 +221,27 @@ def factorize_delta(
     return lora_A.contiguous(), lora_B.contiguous(), singular_values.float()
 
 
-def lora_layouts(model: torch.nn.Module | str | os.PathLike) -> dict[str, LoraLayout]:
+def lora_layouts(
+    model: torch.nn.Module | str | os.PathLike, *, trust_remote_code: bool = False
+) -> dict[str, LoraLayout]:
     """Map each LoRA-able weight name (``<module>.weight``) of ``model`` to its :data:`LoraLayout`.
 
     ``model`` is a module, or a transformers checkpoint folder whose ``config.json`` is instantiated on the ``meta``
-    device (no weights are read). ``nn.Linear`` -> ``"linear"``, transformers ``Conv1D`` -> ``"linear_transposed"``,
+    device (no weights are read; a config with ``auto_map`` needs ``trust_remote_code=True``, passed to transformers
+    explicitly so that it never asks on stdin). ``nn.Linear`` -> ``"linear"``, transformers ``Conv1D`` -> ``"linear_transposed"``,
     ``nn.Embedding`` -> ``"embedding"``, ungrouped ``nn.Conv1d/2d/3d`` -> ``"conv"``. Other tensors (norms, biases,
     grouped convs, raw parameters) are absent: they cannot be written as LoRA.
     """
+    from transformers.pytorch_utils import Conv1D
+
     if not isinstance(model, torch.nn.Module):
-        model = _meta_model(Path(model))
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        Conv1D = ()  # noqa: N806
+        model = _meta_model(Path(model), trust_remote_code=trust_remote_code)
     layouts: dict[str, LoraLayout] = {}
     for name, module in model.named_modules():
         key = f"{name}.weight" if name else "weight"
         if isinstance(module, torch.nn.Linear):
             layouts[key] = "linear"
-        elif Conv1D and isinstance(module, Conv1D):
+        elif isinstance(module, Conv1D):
             layouts[key] = "linear_transposed"
         elif isinstance(module, torch.nn.Embedding):
             layouts[key] = "embedding"
@@ -249,17 +250,29 @@ def lora_layouts(model: torch.nn.Module | str | os.PathLike) -> dict[str, LoraLa
     return layouts
 
 
-def _meta_model(folder: Path) -> torch.nn.Module:
+def _meta_model(folder: Path, *, trust_remote_code: bool) -> torch.nn.Module:
+    """The model of ``folder/config.json`` on the meta device: its ``architectures[0]`` class from transformers, or
+    from the config's ``auto_map`` (custom code, with ``trust_remote_code``), else ``AutoModel``."""
     import transformers
 
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"'{folder}' has no config.json to build the model's module layouts from.")
-    config = transformers.AutoConfig.from_pretrained(folder)
+    auto_map = json.loads((folder / "config.json").read_text()).get("auto_map") or {}
+    if auto_map and not trust_remote_code:
+        raise CheckpointError(
+            f"'{folder / 'config.json'}' names custom model code (auto_map: {', '.join(sorted(auto_map))}); reading "
+            "its module layouts runs that code: pass trust_remote_code=True (--trust-remote-code) if you trust it."
+        )
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
+    auto_class = next(
+        (name for name, ref in auto_map.items() if architectures and str(ref).endswith("." + architectures[0])),
+        "AutoModel",
+    )
     with torch.device("meta"):
         if model_class is None:
-            return transformers.AutoModel.from_config(config)
+            return getattr(transformers, auto_class).from_config(config, trust_remote_code=trust_remote_code)
         return model_class(config)
 
 
@@ -290,12 +303,9 @@ def check_supported_adapter(adapter_config: Mapping[str, Any], where: str) -> No
                 "only plain LoRA deltas scaling * B @ A can be merged."
             )
     # Variants the installed PEFT knows (tagged in LoraConfig) but this module has not verified.
-    try:
-        from peft import LoraConfig
+    from peft import LoraConfig
 
-        config_fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
-    except ImportError:  # pragma: no cover
-        config_fields = {}
+    config_fields = {f.name: f for f in dataclasses.fields(LoraConfig)}
     for name, config_field in config_fields.items():
         if config_field.metadata.get("is_lora_variant") and adapter_config.get(name):
             if name not in _DELTA_PRESERVING_VARIANTS:
@@ -304,7 +314,7 @@ def check_supported_adapter(adapter_config: Mapping[str, Any], where: str) -> No
                     "deltas scaling * B @ A can be merged."
                 )
     init = str(adapter_config.get("init_lora_weights", True)).lower()
-    init_variants = config_fields["init_lora_weights"].metadata.get("lora_variants", []) if config_fields else []
+    init_variants = config_fields["init_lora_weights"].metadata.get("lora_variants", [])
     if init in init_variants and init not in _DELTA_PRESERVING_VARIANTS:
         raise CheckpointError(
             f"'{where}' uses the LoRA variant init_lora_weights={init!r}, which hf_sta does not support yet; only "
@@ -317,7 +327,7 @@ def check_supported_adapter(adapter_config: Mapping[str, Any], where: str) -> No
             "it yet. Convert it to a plain LoRA with PeftModel.save_pretrained(..., "
             "path_initial_model_for_weight_conversion=...) first."
         )
-    known_fields = set(config_fields) or set(adapter_config)
+    known_fields = set(config_fields)
     unknown = sorted(k for k, v in adapter_config.items() if k not in known_fields and v and k != "auto_mapping")
     if unknown:
         logger.warning(
@@ -436,10 +446,8 @@ def write_lora_adapter(
     them in a dense checkpoint) or are left out and listed in ``report.skipped`` (``non_lora="skip"``). All-zero deltas
     are left out (listed in ``report.skipped``).
     """
-    try:
-        from peft import LoraConfig
-    except ImportError as err:  # pragma: no cover - peft is a dependency
-        raise ImportError("Writing LoRA adapters needs `peft`.") from err
+    from peft import LoraConfig
+
     if max_rank is None and energy is None:
         raise ValueError("write_lora_adapter needs max_rank, energy, or both to choose each module's rank.")
     select_rank(torch.ones(1), max_rank=max_rank, energy=energy)  # validates the arguments before any SVD

@@ -16,10 +16,13 @@ import math
 import os
 import re
 import shutil
+import signal
+import socket
 import struct
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -80,6 +83,8 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _TORCH_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+# Every open CheckpointReader (inputs, importance files, forget targets): outputs may not replace their folders.
+_LIVE_READERS: weakref.WeakSet = weakref.WeakSet()
 MERGEABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -267,6 +272,7 @@ class CheckpointReader:
         if not self.path.exists():
             raise CheckpointError(f"Checkpoint path '{self.path}' does not exist.")
         self.folder = self.path if self.path.is_dir() else self.path.parent
+        _LIVE_READERS.add(self)  # an output may not replace what a live reader reads (check_output_dir)
         self.config = self._read_config()
         self._key_to_file: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -688,9 +694,51 @@ class StreamingSafetensorsWriter:
         self._close_files()
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing non-empty ``output_dir`` unless ``overwrite``; return it as a Path."""
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both resolved)."""
+    return path == folder or folder in path.parents
+
+
+def check_not_an_input(output: str | os.PathLike, inputs: Mapping[str, str | os.PathLike] | None = None) -> None:
+    """Refuse an output location whose replacement would delete an input or the current directory.
+
+    Refused: ``output`` is the current directory or one of its ancestors, or is (or holds) an input: a path of
+    ``inputs`` (``{label: path}``, e.g. the recipe's base / models / importance files) or the file / folder of any
+    open :class:`CheckpointReader` (the base, fine-tunes, adapters, task vectors, importance files and forget targets
+    the current merge reads). Raises ``FileExistsError`` naming both paths.
+    """
+    target = _resolved(output)
+    cwd = _resolved(os.getcwd())
+    if _contains(target, cwd):
+        where = "the current directory" if target == cwd else f"an ancestor of the current directory '{cwd}'"
+        raise FileExistsError(
+            f"Output folder '{output}' ('{target}') is {where}: it cannot be replaced; write to a new folder instead."
+        )
+    protected: list[tuple[str, Path]] = [(str(label), Path(path)) for label, path in (inputs or {}).items()]
+    protected += [(f"'{reader.name}'", reader.path) for reader in list(_LIVE_READERS)]
+    for label, path in protected:
+        if not path.exists():
+            continue  # a Hub repo id, or a file not written yet
+        resolved = _resolved(path)
+        if _contains(target, resolved):
+            what = "is" if resolved == target else "holds"
+            raise FileExistsError(
+                f"Output folder '{output}' {what} the input {label} ('{resolved}'): writing there would delete it; "
+                "choose another output folder."
+            )
+
+
+def check_output_dir(
+    output_dir: str | os.PathLike, overwrite: bool, *, inputs: Mapping[str, str | os.PathLike] | None = None
+) -> Path:
+    """Refuse an existing non-empty ``output_dir`` unless ``overwrite``, and always one that is, or holds, an input
+    or the current directory (:func:`check_not_an_input`); return it as a Path."""
     output = Path(output_dir).expanduser()
+    check_not_an_input(output, inputs)
     if output.exists():
         if not output.is_dir():
             raise FileExistsError(f"Output path '{output}' exists and is not a folder.")
@@ -701,40 +749,202 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     return output
 
 
+def check_output_file(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an existing ``path`` unless ``overwrite`` (and a folder always); return it as a Path."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise FileExistsError(f"Output file '{path}' is a folder.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"Output file '{path}' exists; pass overwrite=True to replace it.")
+    return path
+
+
+def _umask() -> int:
+    """The process' umask (read from /proc on Linux, which does not change it; else set and restored)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+_HOST = re.sub(r"[^A-Za-z0-9]+", "", socket.gethostname())[:24] or "host"
+# .<output>.tmp-<host>-<pid>-<random> / .<output>.old-<host>-<pid>-<random>: who built it, to spot stale ones.
+_BUILD_NAME = re.compile(r"\.(?P<output>.+)\.(?P<kind>tmp|old)-(?:(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-)?[^/]*")
+
+
+def clean_stale_build_folders(output: str | os.PathLike) -> list[Path]:
+    """Remove the hidden build folders / files (``.<output>.tmp-*``, ``.<output>.old-*``) that an earlier writer of
+    ``output`` left behind when it was killed (SIGKILL, power loss), and report the ones it cannot vouch for.
+
+    One is removed when its name gives this host and a process id that is no longer running (and, for an ``.old-``
+    folder, the output that replaced it exists); a live writer's is left alone; others (another host's, an older
+    hf_sta's, or an ``.old-`` folder whose replacement never landed: it holds the previous output) are kept and
+    logged as warnings. Returns the removed paths.
+    """
+    output = Path(output).expanduser()
+    parent = output.parent
+    if not parent.is_dir():
+        return []
+    removed = []
+    for candidate in sorted(parent.glob(f".{glob_escape(output.name)}.*-*")):
+        match = _BUILD_NAME.fullmatch(candidate.name)
+        if match is None or match["output"] != output.name:
+            continue
+        ours = match["host"] == _HOST and match["pid"] is not None
+        if ours and (int(match["pid"]) == os.getpid() or _pid_alive(int(match["pid"]))):
+            continue  # a write in progress
+        if ours and (match["kind"] == "tmp" or output.exists()):
+            if candidate.is_dir():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+            logger.warning("Removed '%s', left by an interrupted write of '%s'.", candidate, output)
+        elif match["kind"] == "old" and not output.exists():
+            logger.warning(
+                "'%s' holds the previous contents of '%s' from an interrupted overwrite; move it back or delete it.",
+                candidate, output,
+            )  # fmt: skip
+        else:
+            logger.warning(
+                "'%s' looks like an unfinished write of '%s' (by another host, or an older hf_sta); delete it if no "
+                "write is in progress there.", candidate, output,
+            )  # fmt: skip
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+class _TerminateAsInterrupt:
+    """While active (main thread only, SIGTERM at its default), SIGTERM raises ``KeyboardInterrupt``, so a killed
+    write cleans up as Ctrl-C does."""
+
+    def __init__(self) -> None:
+        self.previous = None
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                self.previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+
 class AtomicOutputDir:
     """Context manager: build an output folder in a temporary sibling and move it into place only on success.
 
-    A failure, or Ctrl-C, inside the block removes the temporary folder and leaves ``output_dir`` untouched.
+    A failure, Ctrl-C or SIGTERM inside the block removes the temporary folder and leaves ``output_dir`` untouched;
+    after SIGKILL the hidden ``.<output>.tmp-<host>-<pid>-*`` folder is removed by the next write of the same output
+    (:func:`clean_stale_build_folders`). The output folder gets the mode ``mkdir`` would give it (``0o777 & ~umask``),
+    not the private temporary folder's 0700. ``inputs``: more ``{label: path}`` the output must not replace.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
-        self.output_dir = check_output_dir(output_dir, overwrite)
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        inputs: Mapping[str, str | os.PathLike] | None = None,
+    ) -> None:
+        self.output_dir = check_output_dir(output_dir, overwrite, inputs=inputs)
         self.overwrite = overwrite
+        self.inputs = inputs
         self.tmp: Path | None = None
+        self._signals = _TerminateAsInterrupt()
+
+    def _sibling(self, kind: str) -> Path:
+        prefix = f".{self.output_dir.name}.{kind}-{_HOST}-{os.getpid()}-"
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.output_dir.parent))
 
     def __enter__(self) -> Path:
-        parent = self.output_dir.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.tmp-", dir=parent))
+        self.output_dir.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_build_folders(self.output_dir)
+        self._signals.__enter__()
+        try:
+            self.tmp = self._sibling("tmp")
+        except BaseException:
+            self._signals.__exit__()
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
         try:
-            check_output_dir(self.output_dir, self.overwrite)  # may have appeared meanwhile
-            if self.output_dir.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{self.output_dir.name}.old-", dir=self.output_dir.parent))
-                os.replace(self.output_dir, trash / "old")
-                os.replace(self.tmp, self.output_dir)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(self.tmp, self.output_dir)
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
+            try:
+                check_output_dir(self.output_dir, self.overwrite, inputs=self.inputs)  # may have appeared meanwhile
+                os.chmod(self.tmp, 0o777 & ~_umask())
+                if self.output_dir.exists():
+                    trash = self._sibling("old")
+                    os.replace(self.output_dir, trash / "old")
+                    os.replace(self.tmp, self.output_dir)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.replace(self.tmp, self.output_dir)
+            except BaseException:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+        finally:
+            self._signals.__exit__()
+
+
+class atomic_file_path:  # noqa: N801 - used like a function: ``with atomic_file_path(path) as tmp: write(tmp)``
+    """Context manager yielding a temporary path next to ``path``; on success it replaces ``path`` in one
+    ``os.replace`` (refused when ``path`` exists, unless ``overwrite``), on failure it is removed. The file gets
+    the mode ``open`` would give it."""
+
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        self.path = check_output_file(path, overwrite)
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_build_folders(self.path)
+        handle, name = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-{_HOST}-{os.getpid()}-", dir=self.path.parent)
+        os.close(handle)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        try:
+            if exc_type is None:
+                check_output_file(self.path, self.overwrite)
+                os.chmod(self.tmp, 0o666 & ~_umask())
+                os.replace(self.tmp, self.path)
+        finally:
+            if self.tmp.exists():
+                self.tmp.unlink()
 
 
 def copy_aux_files(source_folder: Path | None, destination: Path, *, skip: Iterable[str] = ()) -> list[str]:
@@ -751,12 +961,15 @@ def copy_aux_files(source_folder: Path | None, destination: Path, *, skip: Itera
     return copied
 
 
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save a small dict of tensors (heads, importance) as one safetensors file."""
+def save_tensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None, *, overwrite: bool = True
+) -> None:
+    """Save a small dict of tensors (heads, importance) as one safetensors file, atomically (a temporary sibling
+    then ``os.replace``); an existing ``path`` is refused unless ``overwrite``."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    with atomic_file_path(path, overwrite=overwrite) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def fingerprint(source: TensorSource) -> str:
