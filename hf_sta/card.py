@@ -54,7 +54,12 @@ SECTION_END = "<!-- hf_sta:end -->"
 IMPORTANCE_PLOT = "importance.png"
 OTHER_LAYER = "other"
 
-_TEMPLATES = {"merged": "merged.md", "forgotten": "forgotten.md", "adapter": "adapter.md"}
+_TEMPLATES = {
+    "merged": "merged.md",
+    "forgotten": "forgotten.md",
+    "adapter": "adapter.md",
+    "compressed": "compressed.md",  # rendered by hf_sta.compression.card
+}
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
 # `model.layers.3.mlp.up_proj.weight` -> `model.layers.3`; `encoder.layer.0...` -> `encoder.layer.0`; GPT-2's `h.5`.
 _LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|blocks|block|h)\.(\d+))(?:\.|$)")

@@ -36,6 +36,23 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Every option with its default, and epilogs kept as written."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose epilog may be a callable, called only when the help is printed.
+
+    ``merge --help`` lists the registered methods, which needs the method modules (and torch); building the parser,
+    and ``hf-sta --help``, must not import them (fast start).
+    """
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+# The importance metrics (``hf_sta.importance.METRICS``; named here so that building the parser imports no torch).
+IMPORTANCE_METRICS = ("taylor", "taylor_delta", "fisher", "magnitude")
+
+
 def _out(line: str = "") -> None:
     """The CLI's own output (results), on stdout; diagnostics go through logging to stderr."""
     sys.stdout.write(line + "\n")
@@ -114,7 +131,7 @@ LoRA adapter over the base: disable it to restore the model), max_rank, energy (
 def _load_recipe(args: argparse.Namespace, operation: str):
     from .recipe import Recipe
 
-    recipe = Recipe.from_yaml(args.config)
+    recipe = Recipe.from_yaml(args.config, trust_remote_code=args.trust_remote_code)
     if recipe.operation != operation:
         other = recipe.operation
         raise ConfigError(f"{other}: '{args.config}' is a {other} recipe; run `{PROG} {other} {args.config}`")
@@ -169,6 +186,23 @@ def _forget(args: argparse.Namespace) -> int:
     return _run_recipe(args, "forget")
 
 
+def _compress(args: argparse.Namespace) -> int:
+    from .compression.recipe import CompressRecipe, run_compress_recipe
+
+    recipe = CompressRecipe.from_yaml(args.config)
+    recipe.output_dir = str(args.output_dir) if args.output_dir is not None else recipe.output_dir
+    recipe.overwrite = recipe.overwrite or args.overwrite
+    merger, path = run_compress_recipe(recipe, dry_run=args.dry_run, trust_remote_code=args.trust_remote_code)
+    if path is None:
+        _out(f"Dry run: {args.config} is valid; tasks {', '.join(merger.tasks)}; nothing was written.")
+        return 0
+    record = merger.last_compression
+    _out(f"Compressed for {', '.join(record['kept_tasks'])}: {record['original']['non_embedding_parameters']:,} -> "
+         f"{record['compressed']['non_embedding_parameters']:,} non-embedding parameters")  # fmt: skip
+    _out(f"Wrote {path}")
+    return 0
+
+
 def _task_source(value: str, option: str) -> tuple[str, str]:
     from .config import validate_task_name
 
@@ -185,6 +219,9 @@ def _task_source(value: str, option: str) -> tuple[str, str]:
 def _importance(args: argparse.Namespace) -> int:
     from .recipe import ImportanceConfig, Recipe, build_merger, compute_task_importance
 
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:  # refused before the (long) calibration pass, not after it
+        raise FileExistsError(f"Output file '{output}' exists; pass --overwrite to replace it.")
     inputs = [(option, value) for option, value in (("--model", args.model), ("--adapter", args.adapter)) if value]
     if len(inputs) != 1:
         raise ConfigError("--model: give exactly one of --model TASK=PATH or --adapter TASK=PATH")
@@ -215,9 +252,7 @@ def _importance(args: argparse.Namespace) -> int:
     recipe = Recipe(base_model=args.base, trust_remote_code=args.trust_remote_code, **{group: {task: source}})
     merger = build_merger(recipe)
     scores = compute_task_importance(merger, task, config)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    merger.save_importance(task, output)
+    merger.save_importance(task, output, overwrite=args.overwrite)
     _out(f"Wrote the {scores.metric} importance of '{task}' ({scores.num_samples} samples) to {output}")
     return 0
 
@@ -379,14 +414,18 @@ def _add_recipe_options(parser: argparse.ArgumentParser, operation: str) -> None
     )
     parser.add_argument("--output-dir", type=Path, default=None, help="override the recipe's output_dir")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the models' own Python code (config auto_map); a recipe's trust_remote_code: true needs it",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hf-sta`` argument parser (subcommands merge, forget, importance, push, inspect, methods)."""
     from . import __version__
-    from .importance import METRICS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Merge fine-tuned models, adapters and task vectors of one base model (Selective Task "
         "Arithmetic and baselines), and forget tasks.",
@@ -400,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="merge the models of a YAML recipe",
         description="Merge the fine-tuned models / adapters / task vectors of a YAML recipe into one model.",
-        epilog=_MERGE_EPILOG.format(methods=methods_text()),
+        epilog=lambda: _MERGE_EPILOG.format(methods=methods_text()),
         formatter_class=_HelpFormatter,
     )
     _add_recipe_options(merge, "merge")
@@ -415,6 +454,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_options(forget, "forget")
     forget.set_defaults(func=_forget)
+
+    compress = commands.add_parser(
+        "compress",
+        help="prune a multi-task model for the tasks kept, as a YAML recipe says",
+        description="Remove the attention heads, FFN neurons and layers the kept tasks need least (group Taylor "
+        "importance); writes a smaller checkpoint that loads with stock transformers (hf_sta.compression.recipe).",
+        formatter_class=_HelpFormatter,
+    )
+    _add_recipe_options(compress, "compress")
+    compress.set_defaults(func=_compress)
 
     importance = commands.add_parser(
         "importance",
@@ -435,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     importance.add_argument("--subset", default=None, help="dataset configuration name")
     importance.add_argument("--text-column", default="text", help="column of raw text")
     importance.add_argument("--label-column", default="label", help="column of class labels (classifiers)")
-    importance.add_argument("--metric", default="taylor", choices=list(METRICS), help="importance metric")
+    importance.add_argument("--metric", default="taylor", choices=list(IMPORTANCE_METRICS), help="importance metric")
     importance.add_argument("--num-samples", type=_positive_int, default=256, help="calibration samples used")
     importance.add_argument(
         "--micro-batch-size", type=_positive_int, default=8, help="samples per gradient (1: per-sample scores)"
@@ -443,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     importance.add_argument("--max-length", type=_positive_int, default=512, help="truncation length")
     importance.add_argument("--torch-dtype", default=None, help="dtype of the backward pass (None: the model's)")
     importance.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+    importance.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     importance.add_argument(
         "--output", required=True, default=argparse.SUPPRESS, help="file to write (importance.safetensors)"
     )

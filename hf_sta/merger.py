@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from . import measure
+from .compression.api import CompressMixin
 from .config import MergeConfig, parse_dtype
 from .engine import merge_job
 from .errors import ConfigError
@@ -23,7 +24,7 @@ from .pool import CheckpointInput, PathOrRepo, TaskPool, open_pool, pool_from_ta
 __all__ = ["ForgettingCurve", "STAMerger"]
 
 
-class STAMerger(ForgetMixin):
+class STAMerger(ForgetMixin, CompressMixin):
     """Merge several fine-tuned models (or task vectors) of one base model, or forget one of them.
 
     ```python
@@ -126,9 +127,11 @@ class STAMerger(ForgetMixin):
         self.importance[task] = scores
         return scores
 
-    def save_importance(self, task: str, path: str | os.PathLike) -> Path:
-        """Write ``task``'s importance (safetensors + metadata: metric, samples, dataset fingerprint, model hash)."""
-        return _saved(self.importance, task, "importance", "compute_importance(task, data)").save(path)
+    def save_importance(self, task: str, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``task``'s importance (safetensors + metadata: metric, samples, dataset fingerprint, model hash),
+        atomically; an existing file is refused unless ``overwrite``."""
+        scores = _saved(self.importance, task, "importance", "compute_importance(task, data)")
+        return scores.save(path, overwrite=overwrite)
 
     def load_importance(self, task: str, path: str | os.PathLike) -> ImportanceScores:
         """Load importance saved by :meth:`save_importance`; refuses scores of another model or of other tensors."""
@@ -164,7 +167,7 @@ class STAMerger(ForgetMixin):
         self,
         method: str = "task_arithmetic",
         *,
-        scaling: float = 1.0,
+        scaling: float | str | Sequence[float] = 1.0,
         weights: Mapping[str, float] | Sequence[float] | str | None = None,
         tasks: Sequence[str] | None = None,
         output_dir: str | os.PathLike | None = None,
@@ -180,6 +183,7 @@ class STAMerger(ForgetMixin):
         predict_fn: Mapping[str, Callable] | None = None,
         validation_data: Mapping[str, Any] | None = None,
         accelerator: Any = None,
+        model: torch.nn.Module | None = None,
         **params: Any,
     ):
         """Merge the task vectors: ``theta = theta_0 + scaling * method({tau_t}, weights, **params)``.
@@ -193,8 +197,13 @@ class STAMerger(ForgetMixin):
 
         Learned methods (``adamerging``, ``dv_basi``) take ``data={task: data}`` with ``loss_fn={task:
         fn(model, batch) -> loss}`` (supervised) or ``predict_fn={task: fn(model, batch) -> logits}`` (entropy), and
-        ``accelerator`` (``validation_data={task: data}``: DV-BASI's plateau test); the coefficients go to
+        ``accelerator`` (``validation_data={task: data}``: DV-BASI's plateau test) and ``model`` (the module they
+        call through ``functional_call``; required when the base is a state dict); the coefficients go to
         :attr:`last_record`, the recipe and the card.
+
+        ``scaling="auto"`` (any method) and ``density="auto"`` (``sta``, ``ties``, ``dare_*``, ``magnitude_prune``)
+        are chosen from a small grid (or the list given) by the same objective on the same ``data`` (``hf_sta.auto``);
+        the choice and every evaluation go to ``last_record["auto"]``, the recipe and the card.
         """
         dtype = parse_dtype(torch_dtype)
         config = MergeConfig(
@@ -205,7 +214,7 @@ class STAMerger(ForgetMixin):
             output_format=output_format, max_rank=max_rank, energy=energy,
         )  # fmt: skip
         objective = dict(data=data, loss_fn=loss_fn, predict_fn=predict_fn, validation_data=validation_data,
-                         accelerator=accelerator)  # fmt: skip
+                         accelerator=accelerator, model=model)  # fmt: skip
         return self.run(config, output_dir=output_dir, overwrite=overwrite, objective=objective)
 
     def run(
