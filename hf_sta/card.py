@@ -341,6 +341,50 @@ def _parameter_rows(section: Mapping[str, Any], docs: Mapping[str, str], method:
     return rows
 
 
+def _summary_rows(coefficients: Mapping[str, Sequence[float]], labels: Sequence[str]) -> list[list[str]]:
+    """Per direction ``d``: mean, min and max over the groups of ``coefficients[group][d]``."""
+    columns = list(zip(*coefficients.values(), strict=True)) if coefficients else []
+    rows = []
+    for index, values in enumerate(columns):
+        label = labels[index] if index < len(labels) else str(index)
+        stats = (sum(values) / len(values), min(values), max(values))
+        rows.append([md_escape(label), *(f"{v:.3f}" for v in stats)])
+    return rows
+
+
+def learned_context(merge: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a learned merge (``merge.learned``: ``adamerging``, ``dv_basi``) and a ``scaling``/``density="auto"``
+    search (``merge.auto``) recorded, for the card: a summary per direction and the search's evaluations."""
+    learned, auto = merge.get("learned"), merge.get("auto")
+    if not learned and not auto:
+        return None
+    context: dict[str, Any] = {}
+    if learned:
+        coefficients = learned.get("coefficients") or {}
+        labels = learned.get("basis") or learned.get("tasks") or []
+        context["learned"] = {
+            "method": md_escape(learned.get("method", "")),
+            "granularity": md_escape(learned.get("granularity", "")),
+            "num_learnable": learned.get("num_learnable", 0),
+            "groups": len(coefficients),
+            "examples": md_escape(_format_value(learned.get("examples_used", {}))),
+            "rows": _summary_rows(coefficients, labels),
+        }
+    if auto:
+        searched = list(auto.get("searched") or [])
+        context["auto"] = {
+            "objective": md_escape(auto.get("objective", "")),
+            "passes": auto.get("calibration_passes", 0),
+            "chosen": md_escape(_format_value(auto.get("chosen", {}))),
+            "columns": [md_escape(name) for name in searched],
+            "rows": [
+                [*(md_escape(_format_value(e.get(name))) for name in searched), f"{e['objective']:.6g}"]
+                for e in auto.get("evaluations") or []
+            ],
+        }
+    return context
+
+
 def _eval_results(items: Sequence[Mapping[str, Any] | EvalResult] | None) -> list[EvalResult] | None:
     if not items:
         return None
@@ -483,6 +527,7 @@ def render_model_card(
             for k, v in (recipe.get("adapter") or {}).items()
         ],
         "command": f"hf-sta {'forget' if section is forget else 'merge'} {RECIPE_NAME}",
+        "learned": learned_context(merge) if section is merge else None,
     }
     if kept_fraction:
         stats = group_by_layer(kept_fraction)

@@ -58,7 +58,10 @@ def test_scaling_auto_picks_the_grid_point_nearest_the_analytic_optimum(tmp_path
     assert "learned" not in recipe["merge"]
     # the written recipe parses again: the auto record is a result, the chosen scaling is the setting
     assert parse_merge_config(recipe["merge"]).scaling == 0.5
-    assert "auto" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "## Settings chosen on calibration data" in card and "in 6 calibration pass(es)" in card
+    for evaluation in record["evaluations"]:
+        assert f"| {evaluation['scaling']:g} | {evaluation['objective']:.6g} |" in card
     merged = merger.merge("task_arithmetic", scaling="auto", data=data, loss_fn=loss, model=model)
     torch.testing.assert_close(merged["weight"], 0.5 * direction, atol=1e-6, rtol=0)
 

@@ -58,6 +58,12 @@ def test_adamerging_lowers_the_entropy_and_reproduces_with_its_seed(merger, tmp_
     assert set(record["coefficients"]) == groups and all(len(v) == 3 for v in record["coefficients"].values())
     recipe = yaml.safe_load((folder / "hf_sta_config.yaml").read_text())
     assert recipe["merge"]["learned"]["coefficients"] == record["coefficients"]
+    card = (folder / "README.md").read_text()
+    assert "## Learned coefficients" in card and "learned 12 coefficients over 4 group(s)" in card
+    for index, task in enumerate(merger.tasks):  # per task: mean / min / max of its coefficient over the groups
+        values = [v[index] for v in record["coefficients"].values()]
+        row = f"| {task} | {sum(values) / 4:.3f} | {min(values):.3f} | {max(values):.3f} |"
+        assert row in card, row
     again = STAMerger.from_pretrained(merger.base.folder, {t: merger.sources[t] for t in merger.tasks})
     again.merge(method="adamerging", data=_data(merger), steps=15, lr=0.5, clamp=False, output_dir=tmp_path / "b")
     assert again.last_record["coefficients"] == record["coefficients"]
