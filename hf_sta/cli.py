@@ -220,8 +220,6 @@ def _importance(args: argparse.Namespace) -> int:
     from .recipe import ImportanceConfig, Recipe, build_merger, compute_task_importance
 
     output = Path(args.output)
-    if output.exists() and not args.overwrite:  # refused before the (long) calibration pass, not after it
-        raise FileExistsError(f"Output file '{output}' exists; pass --overwrite to replace it.")
     inputs = [(option, value) for option, value in (("--model", args.model), ("--adapter", args.adapter)) if value]
     if len(inputs) != 1:
         raise ConfigError("--model: give exactly one of --model TASK=PATH or --adapter TASK=PATH")
@@ -248,6 +246,8 @@ def _importance(args: argparse.Namespace) -> int:
                 message = "--" + name.replace("_", "-") + message[len(name) :]
                 break
         raise ConfigError(message) from None
+    if output.exists() and not args.overwrite:  # argument errors first, then before the (long) calibration pass
+        raise FileExistsError(f"Output file '{output}' exists; pass --overwrite to replace it.")
     group = "models" if option == "--model" else "adapters"
     recipe = Recipe(base_model=args.base, trust_remote_code=args.trust_remote_code, **{group: {task: source}})
     merger = build_merger(recipe)

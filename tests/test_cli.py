@@ -320,6 +320,15 @@ def test_importance_command_writes_a_loadable_file(tmp_path, bert_checkpoints, c
     )
     assert main(["importance", "--base", "b", "--model", "news", "--output", str(output)]) == 2
     assert "--model: expected TASK=PATH" in capsys.readouterr().err
+    # A valid call never replaces the existing file silently; --overwrite does.
+    before = output.read_bytes()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"hf-sta: error: Output file '{output}' exists; pass --overwrite to replace it."
+    )
+    assert output.read_bytes() == before
+    assert main(argv + ["--overwrite"]) == 0
+    assert ImportanceScores.load(output).num_samples == 4
 
 
 def test_recipe_yaml_round_trip(tmp_path, llama_checkpoints):
