@@ -49,6 +49,8 @@ from typing import Any
 import torch
 
 from benchmarks.harness import mean, normalized
+from benchmarks.lora_methods import LABELS as NEW_LABELS
+from benchmarks.lora_methods import run_new_methods
 from benchmarks.tasks import cache_root, load_task
 from examples._common import Settings, load_tokenizer, quiet
 from examples.merge_lora_adapters import PROMPTS, TARGET_MODULES, Prompts, base_model, train_adapter
@@ -232,6 +234,23 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     forgetting = forget(args, work, merger, rows["sta_default"]["test"], evaluate, load_base, chance)
     lap("forget")
+    bench = {
+        "merger": merger,
+        "tasks": args.tasks,
+        "data": data,
+        "prompts": prompts,
+        "evaluate": evaluate,
+        "load_base": load_base,
+        "calibration": lambda t, size: calibration_loader(
+            prompts[t], data[t]["train"], args.calibration_samples, size
+        ),
+        "calibration_samples": args.calibration_samples,
+    }
+    new_rows = run_new_methods(bench, args.tiny)  # after forgetting: Fisher replaces the tasks' taylor importance
+    for row in new_rows.values():
+        row["average"] = mean(row["test"].values())
+        row["normalized"] = normalized(row["test"], own)
+    lap("issue-13 methods")
     return {
         "tasks": args.tasks,
         "protocol": {
@@ -248,6 +267,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "adapters": {t: str(p) for t, p in adapters.items()},
         "chance": chance,
         "rows": rows,
+        "new_methods": new_rows,
         "forget": forgetting,
         "timings_s": timings,
         "environment": _environment(torch.get_num_threads()),
@@ -314,6 +334,23 @@ def markdown(result: dict[str, Any]) -> str:
         chosen = ", ".join(f"{k}={v:g}" for k, v in row["config"].items()) or "—"
         cells = " | ".join(f"{row['test'][t]:.3f}" for t in tasks)
         lines.append(f"| {names[key]} | {chosen} | {cells} | {row['average']:.3f} | {row['normalized']:.3f} |")
+    for key, row in result["new_methods"].items():
+        chosen = ", ".join(f"{k}={v:g}" for k, v in row["config"].items() if isinstance(v, int | float)) or "—"
+        if key in ("adamerging", "dv_basi"):
+            chosen = f"learned ({row['learnable']} coefficients)"
+        cells = " | ".join(f"{row['test'][t]:.3f}" for t in tasks)
+        lines.append(f"| {NEW_LABELS[key]} | {chosen} | {cells} | {row['average']:.3f} | {row['normalized']:.3f} |")
+    lines += [
+        "",
+        "| method | examples / task | learnable | time / TA merge | learned step / plain fwd+bwd | peak RSS (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, row in result["new_methods"].items():
+        step = row.get("seconds_per_step_over_plain")
+        lines.append(
+            f"| {key} | {row['examples_per_task']:g} | {row['learnable']} | {row['seconds_over_task_arithmetic']:.1f} "
+            f"| {'' if step is None else f'{step:.2f}'} | {row['peak_rss_mb']:.0f} |"
+        )
     f = result["forget"]
     lines += [
         "",

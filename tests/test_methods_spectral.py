@@ -280,3 +280,21 @@ def test_kernels_reject_invalid_params_directly():
     with pytest.raises(ValueError, match="common_space_fraction"):
         iso_cts(task_tensors, torch.ones(3), common_space_fraction=1.5)
     assert get_merge_method("tsv").validate_params({"rank_fraction": "0.25"}) == {"rank_fraction": 0.25}
+
+
+@pytest.mark.parametrize("name", ["tsv", "iso_c", "iso_cts", "cart", "wudi"])
+def test_pointwise_convolutions_are_merged_as_their_channel_matrices(name):
+    """A [T, out, in, 1, 1] stack gives the [out, in] matrix result of the same numbers, reshaped; a 3x3 kernel gets
+    the method's rule for tensors that are not matrices (never the matrix path)."""
+    kernel = get_merge_method(name).function
+    matrices = random_task_tensors((6, 5), seed=7)
+    weights = torch.tensor(WEIGHTS)
+    params = {"steps": 20} if name == "wudi" else {}
+    expected = kernel(matrices, weights, **params)
+    merged = kernel(matrices.reshape(3, 6, 5, 1, 1), weights, **params)
+    assert merged.shape == (6, 5, 1, 1)
+    torch.testing.assert_close(merged.reshape(6, 5), expected, rtol=0, atol=0)
+    assert not torch.allclose(expected, matrices.mean(0))  # the matrix path is not the mean
+    spatial = random_task_tensors((6, 5, 3, 3), seed=8)
+    mean = (spatial * weights.view(-1, 1, 1, 1, 1)).sum(0) / (weights.sum() if name == "cart" else 3)
+    torch.testing.assert_close(kernel(spatial, weights, **params), mean)

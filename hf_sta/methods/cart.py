@@ -29,8 +29,9 @@ Weights: ``w_t`` weight the average (as ``average``: their sum must not be 0) an
 
 Orientation: any 2-D tensor is a matrix (a kernel sees no names); the SVD does not depend on its orientation, so
 ``[in, out]`` (``Conv1D``) weights give the transposed result. The code merges only the attention and MLP weight
-matrices by name and gives every other tensor the average; here tensors that are not 2-D (biases, norms, conv
-kernels) get the average ``tau_bar``.
+matrices by name and gives every other tensor the average; here 1x1 convolution kernels ``[out, in, 1, 1]`` are
+merged as their ``[out, in]`` channel matrices (``pointwise_convolutions_as_matrices``) and the other tensors that
+are not 2-D (biases, norms, larger conv kernels) get the average ``tau_bar``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from .average import average
-from .registry import Parameter, check_kernel_inputs, register_merge_method
+from .registry import Parameter, check_kernel_inputs, pointwise_convolutions_as_matrices, register_merge_method
 
 RANK_RATIO = Parameter(
     "rank_ratio",
@@ -73,6 +74,7 @@ def truncated_rank(rows: int, cols: int, rank_ratio: float) -> int:
     parameters=PARAMETERS,
     description="Weight average plus lambda times low-rank (SVD) approximations of the task vectors centred on it.",
 )
+@pointwise_convolutions_as_matrices
 def cart(
     task_tensors: torch.Tensor,
     weights: torch.Tensor,

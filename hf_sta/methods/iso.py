@@ -23,7 +23,9 @@ One guard the code lacks: ``d`` is capped at ``r // T``, so that ``c >= 0`` for 
 ``f = 1`` (``d = 0``) Iso-CTS is Iso-C.
 
 Weights: the methods run on the scaled task vectors ``w_t tau_t`` (the code has no weights: unit weights are it).
-Tensors that are not 2-D (biases, norms, 0-D, conv kernels) are averaged, as in the code:
+1x1 convolution kernels ``[out, in, 1, 1]`` are merged as their ``[out, in]`` channel matrices
+(``pointwise_convolutions_as_matrices``). Other tensors that are not 2-D (biases, norms, 0-D, larger conv kernels)
+are averaged, as in the code:
 ``delta = sum_t w_t tau_t / T``. The code also averages CLIP's ``text_projection`` matrix, by name; a kernel sees no
 names, so every 2-D tensor is merged as a matrix here.
 
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Parameter, check_kernel_inputs, register_merge_method
+from .registry import Parameter, check_kernel_inputs, pointwise_convolutions_as_matrices, register_merge_method
 from .task_arithmetic import task_arithmetic
 from .tsv import compute_dtype, mean_of_task_vectors, orthogonal_factor
 
@@ -69,6 +71,7 @@ def common_and_task_ranks(rank: int, num_tasks: int, common_space_fraction: floa
     parameters=(),
     description="Sum the task vectors, then flatten each matrix's singular value spectrum to its mean.",
 )
+@pointwise_convolutions_as_matrices
 def iso_c(
     task_tensors: torch.Tensor, weights: torch.Tensor, *, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -100,6 +103,7 @@ def iso_c(
     parameters=(COMMON_SPACE_FRACTION,),
     description="Common subspace of the sum plus per-task subspaces outside it, orthogonalised, isotropic spectrum.",
 )
+@pointwise_convolutions_as_matrices
 def iso_cts(
     task_tensors: torch.Tensor,
     weights: torch.Tensor,

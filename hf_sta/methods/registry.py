@@ -33,6 +33,7 @@ recipe and the model card.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -335,3 +336,21 @@ def check_kernel_inputs(task_tensors: torch.Tensor, weights: torch.Tensor) -> to
             f"got {list(weights.shape)}"
         )
     return weights.to(device=task_tensors.device, dtype=task_tensors.dtype)
+
+
+def pointwise_convolutions_as_matrices(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Let a per-matrix kernel merge 1x1 convolution kernels as the matrices they are.
+
+    A ``[T, out, in, 1, 1]`` stack (pointwise ``nn.Conv2d`` weights) is the ``[T, out, in]`` stack of the linear maps
+    the convolutions apply to every position's channels (as RegMean treats them); the kernel runs on that view and
+    its ``[out, in]`` result is returned as ``[out, in, 1, 1]``. Every other shape goes to the kernel unchanged (its
+    own rule for tensors that are not 2-D applies, e.g. to 3x3 and depthwise kernels).
+    """
+
+    @functools.wraps(kernel)
+    def wrapped(task_tensors: torch.Tensor, weights: torch.Tensor, **params: Any) -> torch.Tensor:
+        if task_tensors.dim() == 5 and tuple(task_tensors.shape[-2:]) == (1, 1):
+            return kernel(task_tensors.flatten(2), weights, **params).view(task_tensors.shape[1:])
+        return kernel(task_tensors, weights, **params)
+
+    return wrapped

@@ -20,7 +20,9 @@ factor of the others and meet zero singular values, so the result is the same.
 Weights: ``S_t`` is multiplied by ``w_t``, which is the method run on the scaled task vectors ``w_t tau_t`` (a
 negative ``w_t`` flips the rows of ``V_t^T``, and the Procrustes factor commutes with that sign flip).
 
-Tensors that are not 2-D (biases, norms, 0-D, conv kernels) are averaged, as in the code:
+1x1 convolution kernels ``[out, in, 1, 1]`` are merged as their ``[out, in]`` channel matrices
+(``pointwise_convolutions_as_matrices``). Other tensors that are not 2-D (biases, norms, 0-D, larger conv kernels)
+are averaged, as in the code:
 ``delta = sum_t w_t tau_t / T`` (the plain mean for unit weights). The code also averages CLIP's ``text_projection``
 matrix, by name; a kernel sees no names, so every 2-D tensor is merged as a matrix here. Where
 ``k = int(r / T) = 0`` (a matrix with fewer rows or columns than tasks), the code keeps no triplet and its delta is 0;
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Parameter, check_kernel_inputs, register_merge_method
+from .registry import Parameter, check_kernel_inputs, pointwise_convolutions_as_matrices, register_merge_method
 from .task_arithmetic import task_arithmetic
 
 RANK_FRACTION = Parameter(
@@ -78,6 +80,7 @@ def orthogonal_factor(matrix: torch.Tensor) -> torch.Tensor:
     parameters=(RANK_FRACTION,),
     description="Keep each task's top singular vectors per matrix, decorrelate them (Procrustes), recombine.",
 )
+@pointwise_convolutions_as_matrices
 def tsv(
     task_tensors: torch.Tensor,
     weights: torch.Tensor,

@@ -41,7 +41,9 @@ merge is the caller's ``scaling`` (the paper uses ``theta = theta_0 + delta``, s
 
 Orientation: the last dimension is the input dimension (``nn.Linear``'s ``[out, in]``); every 2-D tensor is merged
 as a matrix (a kernel sees no names). ``Conv1D`` weights (``[in, out]``, GPT-2) would have their output dimension
-taken for the input: transpose them around the call for the paper's objective. Tensors that are not 2-D
+taken for the input: transpose them around the call for the paper's objective. 1x1 convolution kernels
+``[out, in, 1, 1]`` are merged as their ``[out, in]`` channel matrices (``pointwise_convolutions_as_matrices``; the
+channels are the input dimension). Other tensors that are not 2-D
 (``other_tensors``): ``"mean"`` ``sum_t w_t tau_t / T`` (default, as FusionBench's ``wudi_merging``), ``"sum"``
 ``sum_t w_t tau_t`` (task arithmetic), or ``"zero"`` (the base is kept: the authors' ViT script merges only the
 attention and MLP weight matrices and loads nothing else).
@@ -53,7 +55,7 @@ import math
 
 import torch
 
-from .registry import Parameter, check_kernel_inputs, register_merge_method
+from .registry import Parameter, check_kernel_inputs, pointwise_convolutions_as_matrices, register_merge_method
 from .task_arithmetic import task_arithmetic
 
 SOLVER = Parameter(
@@ -168,6 +170,7 @@ def ridge_solve(gram: torch.Tensor, target: torch.Tensor, ridge: float) -> torch
     parameters=PARAMETERS,
     description="Per matrix, minimise the interference on each task measured through its own task vector (data-free).",
 )
+@pointwise_convolutions_as_matrices
 def wudi(
     task_tensors: torch.Tensor,
     weights: torch.Tensor,
