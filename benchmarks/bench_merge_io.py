@@ -68,7 +68,15 @@ METHODS: dict[str, dict[str, float]] = {
     "task_arithmetic": {},
     "ties": {"density": 0.2},
     "dare_ties": {"density": 0.5},
+    # the data-free methods of issue 13, at their defaults (hf_sta only: mergekit has none of them)
+    "tsv": {},
+    "iso_c": {},
+    "iso_cts": {},
+    "cart": {},
+    "wudi": {},
 }
+DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties")
+MERGEKIT_METHODS = frozenset(DEFAULT_METHODS)
 TARGET_RATIO = 1.5
 TARGET_TIES_SPEEDUP = 5.0
 TARGET_RSS_GB = 1.5
@@ -356,7 +364,7 @@ def build_configurations(
     with_peft: bool,
     with_safe_open_floor: bool,
     hf_sta_variants: dict[str, Path | None],
-    methods: Sequence[str] = tuple(METHODS),
+    methods: Sequence[str] = DEFAULT_METHODS,
 ) -> list[Configuration]:
     """The child command lines, in the interleaving order of one repetition."""
     module = ["-m", "benchmarks.bench_merge_io", "--inputs", *map(str, inputs)]
@@ -372,7 +380,7 @@ def build_configurations(
             if path is not None:
                 command += ["--hf-sta-path", str(path)]
             configurations.append(Configuration(name, command))
-        if with_mergekit:
+        if with_mergekit and method in MERGEKIT_METHODS:
             config = mergekit_config(method, inputs, work)
             command = [str(MERGEKIT_VENV / "bin" / "python"), *module, "--child", "mergekit"]
             configurations.append(Configuration(f"mergekit_{method}", [*command, "--mergekit-config", str(config)]))
@@ -588,7 +596,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--with-peft", action="store_true", help="also time PEFT's merge_utils.ties per tensor")
     parser.add_argument("--no-safe-open-floor", action="store_true", help="skip the safe_open I/O floor row")
     parser.add_argument(
-        "--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="merge methods to time"
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(DEFAULT_METHODS),
+        help=f"merge methods to time (default {' '.join(DEFAULT_METHODS)}; mergekit only for those)",
     )
     parser.add_argument(
         "--variant",
