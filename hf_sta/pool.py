@@ -17,7 +17,7 @@ import torch
 
 from .config import validate_task_name
 from .errors import CheckpointError, ConfigError
-from .io.checkpoints import TensorSource, open_checkpoint
+from .io.checkpoints import CheckpointReader, TensorSource, fingerprint, open_checkpoint
 from .lora_task_vector import LoraTaskVector
 from .task_vector import CheckpointTaskVector, StoredTaskVector, TaskVector
 
@@ -77,6 +77,46 @@ def source_name(source: Any) -> str:
         return "<in-memory>"
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else str(source)
+
+
+def _content_key(source: Any) -> str | None:
+    """A cheap identity of a checkpoint on disk (``io.checkpoints.fingerprint``: headers, sizes, sampled bytes), or
+    ``None`` for in-memory sources (hashing them would read every tensor)."""
+    return fingerprint(source) if isinstance(source, CheckpointReader) else None
+
+
+def _input_key(vector: TaskVector) -> str | None:
+    if isinstance(vector, CheckpointTaskVector):
+        return _content_key(vector.finetuned)
+    if isinstance(vector, LoraTaskVector | StoredTaskVector):
+        return vector.model_hash
+    return None
+
+
+def warn_suspicious_inputs(pool: TaskPool) -> None:
+    """Log a warning for inputs that are almost always a wrong path: one checkpoint under two task names (merged
+    twice), a fine-tune that is the base itself, an adapter that was never trained (its task vector is zero)."""
+    base_key = _content_key(pool.base)
+    seen: dict[str, str] = {}
+    for task, vector in pool.task_vectors.items():
+        key = _input_key(vector)
+        if key is not None and key in seen:
+            logger.warning(
+                "Tasks '%s' and '%s' are the same checkpoint (%s): it is merged twice. A wrong path?",
+                seen[key], task, pool.sources.get(task, task),
+            )  # fmt: skip
+        elif key is not None:
+            seen[key] = task
+        if isinstance(vector, CheckpointTaskVector) and key is not None and key == base_key:
+            logger.warning(
+                "The task vector of '%s' is zero: its checkpoint (%s) is the base model itself. A wrong path?",
+                task, pool.sources.get(task, task),
+            )  # fmt: skip
+        elif isinstance(vector, LoraTaskVector) and vector.is_untrained():
+            logger.warning(
+                "The task vector of '%s' is zero: every lora_B of adapter %s is zero (an untrained adapter?).",
+                task, pool.sources.get(task, task),
+            )  # fmt: skip
 
 
 @dataclass
@@ -192,7 +232,9 @@ def open_pool(
             )
     sources = {name: source_name(src) for name, src in {**named, **named_adapters}.items()}
     sources["base"] = source_name(base_model)
-    return TaskPool(base, task_vectors, sources)
+    pool = TaskPool(base, task_vectors, sources)
+    warn_suspicious_inputs(pool)
+    return pool
 
 
 def pool_from_task_vectors(
@@ -209,4 +251,6 @@ def pool_from_task_vectors(
         vectors[name] = vector
         sources[name] = source_name(item) if not isinstance(item, TaskVector) else vector.name
     sources["base"] = source_name(base_model)
-    return TaskPool(base, vectors, sources)
+    pool = TaskPool(base, vectors, sources)
+    warn_suspicious_inputs(pool)
+    return pool
