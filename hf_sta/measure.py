@@ -11,6 +11,7 @@ one accelerate loop (CPU, one GPU, or many processes whose sums are reduced once
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ from .importance import (
 )
 from .importance.activations import linear_layers
 from .pool import TaskPool
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "calibration_loader",
@@ -83,7 +86,7 @@ def load_finetuned_model(pool: TaskPool, task: str, *, trust_remote_code: bool =
     return model
 
 
-def load_tokenizer(pool: TaskPool, task: str, data: Any) -> Any:
+def load_tokenizer(pool: TaskPool, task: str, data: Any, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer next to the task's fine-tuned checkpoint or the base: it tokenizes raw text and pads tokenized
     rows of unequal length. ``None`` for tokenized data when there is none (rows are then collated as they are)."""
     from transformers import AutoTokenizer
@@ -95,7 +98,7 @@ def load_tokenizer(pool: TaskPool, task: str, data: Any) -> Any:
         if folder is not None and any(
             (folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
         ):
-            return AutoTokenizer.from_pretrained(folder)
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if "input_ids" in getattr(data, "column_names", []):
         return None
     raise ValueError(f"No tokenizer found for task '{task}': pass `tokenizer=` or tokenized data.")
@@ -136,14 +139,22 @@ def calibration_loader(
     *,
     tokenizer: Any = None,
     needs_labels: bool = True,
+    trust_remote_code: bool = False,
     **options: Any,
 ) -> Any:
     """The micro-batches of ``data`` for ``task`` (``options``: num_samples, micro_batch_size, collate_fn,
-    text_column, label_column, max_length), split across processes under ``accelerate launch``."""
+    text_column, label_column, max_length), split across processes under ``accelerate launch``. Raw text is cut at
+    ``max_length`` tokens, itself capped at the model's ``max_position_embeddings`` (a longer row would index past
+    the position table)."""
     config = getattr(model, "config", None)
     causal_lm = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0 and options.get("max_length", 512) > positions:
+        logger.info("max_length %s capped at the model's max_position_embeddings %d.", options.get("max_length", 512),
+                    positions)  # fmt: skip
+        options["max_length"] = positions
     if tokenizer is None and not isinstance(data, torch.utils.data.DataLoader):
-        tokenizer = load_tokenizer(pool, task, data)
+        tokenizer = load_tokenizer(pool, task, data, trust_remote_code=trust_remote_code)
     loader = build_calibration_dataloader(
         data, tokenizer=tokenizer, causal_lm=causal_lm, needs_labels=needs_labels, **options
     )
@@ -183,8 +194,9 @@ def compute_importance(
         names = parameter_names(pool, task, model)
         accelerator = default_accelerator(accelerator)
         loader = calibration_loader(
-            pool, task, model, data, accelerator, needs_labels=loss_fn is None, **loader_options
-        )
+            pool, task, model, data, accelerator, needs_labels=loss_fn is None, trust_remote_code=trust_remote_code,
+            **loader_options,
+        )  # fmt: skip
         gradients, micro_batches, samples = accumulate_gradient_statistics(
             model,
             loader,
@@ -270,7 +282,9 @@ def compute_activation_statistics(
     model = model.to(dtype) if dtype is not None else model
     names = parameter_names(pool, task, model)
     accelerator = default_accelerator(accelerator)
-    loader = calibration_loader(pool, task, model, data, accelerator, needs_labels=False, **loader_options)
+    loader = calibration_loader(
+        pool, task, model, data, accelerator, needs_labels=False, trust_remote_code=trust_remote_code, **loader_options
+    )
     grams, layouts, num_tokens, samples = accumulate_input_grams(
         model,
         loader,

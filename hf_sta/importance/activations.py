@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io.checkpoints import CheckpointReader, save_tensors
-from .calibration import _batch_size, _to_device
+from .data import batch_size, calibration_failure, check_calibration_batch, check_num_samples
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 def _samples_in(batch: Any) -> int:
     if isinstance(batch, torch.Tensor) and batch.dim() > 0:  # a bare input tensor, [batch, ...]
         return int(batch.shape[0])
-    return _batch_size(batch)
+    return batch_size(batch)
 
 
 def _token_mask(batch: Any) -> torch.Tensor | None:
@@ -251,8 +251,9 @@ def accumulate_input_grams(
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    if num_samples is not None and num_samples < 1:
-        raise ValueError(f"{description}: num_samples must be >= 1, got {num_samples}.")
+    check_num_samples(num_samples)
+    from accelerate.utils import send_to_device
+
     if accelerator is None:
         from accelerate import Accelerator
 
@@ -274,12 +275,16 @@ def accumulate_input_grams(
     micro_batches = samples = 0
     try:
         with torch.no_grad():
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 if num_samples is not None and samples >= num_samples:
                     break
-                batch = _to_device(batch, device)
+                batch = send_to_device(batch, device)
+                check_calibration_batch(model, batch, index)
                 hooks.set_batch(batch)
-                forward_fn(model, batch)
+                try:
+                    forward_fn(model, batch)
+                except (IndexError, RuntimeError, TypeError, ValueError) as err:
+                    raise calibration_failure(index, batch, err) from err
                 micro_batches += 1
                 size = _samples_in(batch)
                 samples += size
@@ -397,12 +402,14 @@ class ActivationStatistics:
                 meta[key] = str(getattr(self, key))
         return meta
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the statistics to ``path`` (one ``.safetensors`` file) and return it."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the statistics to ``path`` (one ``.safetensors`` file, atomically) and return it; an existing
+        ``path`` is refused unless ``overwrite``."""
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"Activation statistics are saved as a .safetensors file, got '{path}'.")
-        save_tensors(path, {key: self.grams[key].float() for key in self.keys()}, self.metadata)
+        grams = {key: self.grams[key].float() for key in self.keys()}
+        save_tensors(path, grams, self.metadata, overwrite=overwrite)
         return path
 
     @classmethod

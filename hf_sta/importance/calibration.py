@@ -16,31 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import batch_size, calibration_failure, check_calibration_batch, check_num_samples
+
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, Mapping):
-        for value in batch.values():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                return int(value.shape[0])
-    if isinstance(batch, list | tuple):
-        for value in batch:
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                return int(value.shape[0])
-    return 1
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -102,6 +82,9 @@ def accumulate_gradient_statistics(
     """
     if statistic not in ("abs", "square"):
         raise ValueError(f"statistic must be 'abs' or 'square', got {statistic!r}")
+    check_num_samples(num_samples)
+    from accelerate.utils import send_to_device
+
     if accelerator is None:
         from accelerate import Accelerator
 
@@ -155,8 +138,12 @@ def accumulate_gradient_statistics(
         for index, batch in enumerate(batches):
             if num_samples is not None and samples >= num_samples:
                 break
-            batch = _to_device(batch, device)
-            loss = loss_fn(model, batch)
+            batch = send_to_device(batch, device)
+            check_calibration_batch(model, batch, index)
+            try:
+                loss = loss_fn(model, batch)
+            except (IndexError, RuntimeError, TypeError, ValueError) as err:
+                raise calibration_failure(index, batch, err) from err
             if loss.dim() != 0:
                 raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)} at batch {index}.")
             if not torch.isfinite(loss):
@@ -166,7 +153,7 @@ def accumulate_gradient_statistics(
             if not torch.isfinite(step_total):
                 raise FloatingPointError(f"Non-finite gradients at calibration batch {index}; stopping.")
             micro_batches += 1
-            size = _batch_size(batch)
+            size = batch_size(batch)
             samples += size
             progress.update(size)
     finally:
