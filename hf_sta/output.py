@@ -158,7 +158,7 @@ class OutputWriter:
         from .io.adapters import lora_layouts, write_lora_adapter
 
         if self.pool.base_folder is not None:
-            layouts = lora_layouts(self.pool.base_folder)
+            layouts = lora_layouts(self.pool.base_folder, trust_remote_code=self.trust_remote_code)
         else:
             layouts = {}
             for vector in self.pool.task_vectors.values():
