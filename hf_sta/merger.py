@@ -153,9 +153,11 @@ class STAMerger(ForgetMixin, CompressMixin):
         self.statistics[task] = stats
         return stats
 
-    def save_activation_statistics(self, task: str, path: str | os.PathLike) -> Path:
-        """Write ``task``'s activation statistics as one safetensors file (never the data they come from)."""
-        return _saved(self.statistics, task, "activation statistics", "compute_activation_statistics").save(path)
+    def save_activation_statistics(self, task: str, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``task``'s activation statistics as one safetensors file (never the data they come from),
+        atomically; an existing file is refused unless ``overwrite``."""
+        stats = _saved(self.statistics, task, "activation statistics", "compute_activation_statistics")
+        return stats.save(path, overwrite=overwrite)
 
     def load_activation_statistics(self, task: str, path: str | os.PathLike):
         """Load statistics saved by :meth:`save_activation_statistics`; refuses Grams that do not fit the task."""
