@@ -606,25 +606,9 @@ def _plain(value: Any) -> Any:
 
 
 # -- update an existing card ------------------------------------------------------------------------------------------
-def _merge_metadata(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Keys hf_sta owns (``base_model``, ``base_model_relation``, ``library_name``, and ``model-index`` when new
-    results are given) take the new value; ``tags`` and ``datasets`` are unions; everything else is kept."""
-    merged = dict(existing)
-    for key in ("tags", "datasets"):
-        old = existing.get(key) or []
-        old = [old] if isinstance(old, str) else list(old)
-        merged[key] = list(dict.fromkeys([*old, *(new.get(key) or [])]))
-        if not merged[key]:
-            merged.pop(key)
-    for key in ("base_model", "library_name", "model-index"):
-        if key in new:
-            merged[key] = new[key]
-    if "base_model" in new:
-        if "base_model_relation" in new:
-            merged["base_model_relation"] = new["base_model_relation"]
-        else:
-            merged.pop("base_model_relation", None)
-    return merged
+# Metadata keys hf_sta owns: the new card's value replaces the existing one's (``base_model_relation`` goes with
+# ``base_model``); ``tags`` and ``datasets`` become unions; every other key of the existing card is kept.
+_OWNED_METADATA = ("base_model", "base_model_relation", "library_name", "pipeline_tag")
 
 
 def _section(text: str) -> str:
@@ -635,18 +619,30 @@ def _section(text: str) -> str:
 
 
 def update_card(existing: ModelCard, new: ModelCard) -> ModelCard:
-    """``existing`` with its hf_sta section replaced by ``new``'s (appended when it has none) and merged metadata."""
-    from huggingface_hub import ModelCard
-
+    """``existing`` with its hf_sta section replaced by ``new``'s (appended when it has none) and its metadata
+    updated through ``ModelCard.data`` (see ``_OWNED_METADATA``; ``model-index`` is replaced when ``new`` has
+    evaluation results). ``existing`` is modified and returned."""
     section = _section(new.text)
     text = existing.text
     if _SECTION.search(text):
         text = _SECTION.sub(lambda _: section, text, count=1)
     else:
         text = text.rstrip() + ("\n\n" if text.strip() else "") + section
-    metadata = _merge_metadata(existing.data.to_dict(), new.data.to_dict())
-    content = f"---\n{_yaml_dump(metadata)}---\n{text if text.startswith(chr(10)) else chr(10) + text}"
-    return ModelCard(content)
+    existing.text = text if text.startswith("\n") else "\n" + text
+    data, update = existing.data, new.data
+    for key in ("tags", "datasets"):
+        old = getattr(data, key, None) or []
+        merged = list(dict.fromkeys([*([old] if isinstance(old, str) else old), *(getattr(update, key, None) or [])]))
+        setattr(data, key, merged or None)
+    if getattr(update, "base_model", None) is not None:
+        data.base_model = update.base_model
+        data.base_model_relation = getattr(update, "base_model_relation", None)
+    for key in _OWNED_METADATA[2:]:
+        if getattr(update, key, None) is not None:
+            setattr(data, key, getattr(update, key))
+    if getattr(update, "eval_results", None):
+        data.eval_results, data.model_name = update.eval_results, update.model_name
+    return existing
 
 
 def write_model_card(

@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .forgetting import ForgetMixin, ForgettingCurve
 from .importance import ImportanceScores
 from .methods.registry import Prepared
-from .output import CardInputs, OutputWriter, push_folder
+from .output import CardInputs, OutputWriter
 from .pool import CheckpointInput, PathOrRepo, TaskPool, open_pool, pool_from_task_vectors
 
 __all__ = ["ForgettingCurve", "STAMerger"]
@@ -270,14 +270,20 @@ class STAMerger(ForgetMixin, CompressMixin):
         commit_message: str | None = None,
         create_pr: bool = False,
         revision: str | None = None,
+        output_dir: str | os.PathLike | None = None,
     ):
-        """Save the last merge/forget to a temporary folder and upload it as one commit to ``repo_id``
-        (``create_repo(exist_ok=True)`` then ``upload_folder``); returns the ``CommitInfo``."""
+        """Save the last merge/forget (to ``output_dir``, kept; else to a temporary folder, removed after a successful
+        upload and kept, and named in the error, after a failed one) and upload it as one commit to ``repo_id`` with
+        :func:`hf_sta.hub.push_folder` (repo and ``revision`` branch created when missing; an existing card is
+        updated). Returns the ``CommitInfo``."""
+        from .hub import check_repo_id, save_and_push
+
+        check_repo_id(repo_id)
         if self._last_operation is None:
             raise ConfigError("Nothing to push: call merge(...) or forget(...) first.")
         message = commit_message or f"hf_sta: {self._last_operation[0]} with hf_sta"
-        return push_folder(self.save_pretrained, repo_id, private=private, token=token, commit_message=message,
-                           create_pr=create_pr, revision=revision)  # fmt: skip
+        return save_and_push(self.save_pretrained, repo_id, output_dir=output_dir, private=private, token=token,
+                             commit_message=message, create_pr=create_pr, revision=revision)  # fmt: skip
 
 
 def _saved(store: Mapping[str, Any], task: str, what: str, call: str) -> Any:
