@@ -11,9 +11,10 @@ one accelerate loop (CPU, one GPU, or many processes whose sums are reduced once
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,23 @@ __all__ = [
     "load_transformers_model",
     "parameter_names",
 ]
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars and info/warning logs off for the body (restored after): loading a folder hf_sta
+    has just written itself (an in-memory result) is an implementation detail, not something to report."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def load_transformers_model(folder: Path, *, trust_remote_code: bool = False):

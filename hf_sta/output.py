@@ -32,12 +32,12 @@ from .io.checkpoints import (
 )
 from .io.pipeline import intra_op_threads
 from .layout import HEADS_FOLDER, IMPORTANCE_FOLDER, RECIPE_NAME, STATISTICS_FOLDER
-from .measure import load_transformers_model
+from .measure import load_transformers_model, quiet_transformers
 from .pool import TaskPool
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CardInputs", "OutputWriter", "full_tensors", "push_folder"]
+__all__ = ["CardInputs", "OutputWriter", "full_tensors"]
 
 
 @dataclass
@@ -103,12 +103,13 @@ class OutputWriter:
         tmp_root = Path(tempfile.mkdtemp(prefix="hf_sta-"))
         try:
             folder = self.write(deltas, plan, tmp_root / "model", overwrite=False, private=True, **options)
-            if adapter is None:
-                return load_transformers_model(folder, trust_remote_code=self.trust_remote_code)
-            from peft import PeftModel
+            with quiet_transformers():
+                if adapter is None:
+                    return load_transformers_model(folder, trust_remote_code=self.trust_remote_code)
+                from peft import PeftModel
 
-            base_model = load_transformers_model(self.pool.base.folder, trust_remote_code=self.trust_remote_code)
-            return PeftModel.from_pretrained(base_model, folder)
+                base_model = load_transformers_model(self.pool.base.folder, trust_remote_code=self.trust_remote_code)
+                return PeftModel.from_pretrained(base_model, folder)
         finally:
             shutil.rmtree(tmp_root, ignore_errors=True)
 
@@ -136,7 +137,7 @@ class OutputWriter:
             if not private and existing_card.is_file():  # overwriting: the card is updated, not replaced
                 shutil.copy2(existing_card, tmp / "README.md")
             self._write_companions(tmp, recipe, head_tasks, plan, adapter is not None, card, private, output_dir)
-        logger.info("Wrote %s", output_dir)
+        (logger.debug if private else logger.info)("Wrote %s", output_dir)
         return output_dir
 
     def _write_weights(self, folder: Path, deltas: Iterator, plan: list[TensorPlan], max_shard_size, kind: str):
@@ -227,23 +228,3 @@ class OutputWriter:
             for task, value in measured.items():
                 path = value.save(folder / sub / f"{task}.safetensors")
                 recipe[key][task] = {"path": str(output_dir.resolve() / path.relative_to(folder))}
-
-
-def push_folder(save: Callable[[Path], Path], repo_id: str, *, private: bool | None, token: str | bool | None,
-                commit_message: str, create_pr: bool, revision: str | None):  # fmt: skip
-    """``save(folder)`` into a temporary folder, then upload it as one commit (``create_repo(exist_ok=True)``,
-    ``upload_folder``: weights go through LFS); returns the ``CommitInfo``. Hub errors propagate."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    with tempfile.TemporaryDirectory(prefix="hf_sta-push-") as tmp:
-        folder = save(Path(tmp) / "model")
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message,
-            create_pr=create_pr,
-            revision=revision,
-            repo_type="model",
-        )

@@ -38,8 +38,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +46,7 @@ from typing import Any
 import yaml
 
 from .config import MergeConfig, parse_dtype, validate_task_name
-from .errors import ConfigError
+from .errors import CalibrationDataError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -417,13 +415,9 @@ class PushConfig:
         _reject_unknown(data, [f.name for f in dataclasses.fields(cls)], path)
         if "repo_id" not in data:
             raise ConfigError(f"{_join(path, 'repo_id')}: required")
-        repo_id = _string(data["repo_id"], _join(path, "repo_id"))
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        from .hub import check_repo_id
 
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError as err:
-            raise ConfigError(f"{_join(path, 'repo_id')}: {err}") from None
+        repo_id = check_repo_id(_string(data["repo_id"], _join(path, "repo_id")), _join(path, "repo_id"))
         return cls(
             repo_id=repo_id,
             private=_bool(data.get("private"), _join(path, "private"), optional=True),
@@ -433,26 +427,20 @@ class PushConfig:
         )
 
     def push(self, folder: str | os.PathLike, *, token: str | bool | None = None):
-        """Upload ``folder`` (an hf_sta output or any model folder); returns the ``CommitInfo``."""
-        from huggingface_hub import HfApi
+        """Upload ``folder`` (an hf_sta output or any model folder) with :func:`hf_sta.hub.push_folder`; returns the
+        ``CommitInfo``."""
+        from .hub import push_folder
 
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"Folder to push '{folder}' does not exist or is not a folder.")
-        api = HfApi(token=token)
-        api.create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type="model")
-        if self.revision and not self.create_pr:
-            api.create_branch(self.repo_id, branch=self.revision, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(
-            repo_id=self.repo_id,
-            folder_path=folder,
-            commit_message=self.commit_message or f"Upload {folder.name} with hf_sta",
-            create_pr=self.create_pr,
-            revision=self.revision,
-            repo_type="model",
-        )
-        logger.info("Pushed %s to %s", folder, commit.commit_url)
-        return commit
+        return push_folder(folder, self.repo_id, token=token, **self.options())
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`hf_sta.hub.push_folder` other than the folder, repo id and token."""
+        return {
+            "private": self.private,
+            "create_pr": self.create_pr,
+            "revision": self.revision,
+            "commit_message": self.commit_message,
+        }
 
 
 # -- the recipe -------------------------------------------------------------------------------------------------------
@@ -694,7 +682,16 @@ def load_calibration_data(config: ImportanceConfig):
             raise ConfigError(
                 f"importance.data: '{path}' has an unsupported format; use one of {', '.join(DATA_FILE_BUILDERS)}"
             )
-        return datasets.load_dataset(builder, data_files=str(path), split=config.split)
+        if path.stat().st_size == 0:
+            raise CalibrationDataError(f"Calibration data file '{path}' is empty.")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split=config.split)
+        except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as err:
+            cause = err.__cause__ or err.__context__ or err
+            detail = " ".join(str(cause).split()) or type(cause).__name__
+            raise CalibrationDataError(
+                f"Calibration data file '{path}' cannot be read as {builder}: {detail}"
+            ) from err
     return datasets.load_dataset(config.data, config.subset, split=config.split)
 
 
@@ -810,33 +807,24 @@ def run_recipe(recipe: Recipe, dry_run: bool = False):
         return RecipeResult(merger=merger, output_dir=None, dry_run=True, summary=summary)
 
     prepare_importance(merger, recipe)
-    tmp_root = None
-    output = Path(recipe.output_dir) if recipe.output_dir is not None else None
-    if output is None:
-        tmp_root = Path(tempfile.mkdtemp(prefix="hf_sta-recipe-"))
-        output = tmp_root / recipe.push_to_hub.repo_id.split("/")[-1]
-    try:
+
+    def write(output: Path) -> Path:
         if recipe.merge is not None:
-            merger.run(recipe.merge, output_dir=output, overwrite=recipe.overwrite)
-        else:
-            forget = recipe.forget
-            params = {k: v for k, v in forget.params.items() if v is not None}
-            merger.forget(
-                forget.task,
-                scaling=forget.scaling,
-                method=forget.method,
-                target=forget.target,
-                output_dir=output,
-                overwrite=recipe.overwrite,
-                torch_dtype=forget.torch_dtype,
-                max_shard_size=forget.max_shard_size,
-                as_adapter=forget.as_adapter,
-                max_rank=forget.max_rank,
-                energy=forget.energy,
-                **params,
-            )
-        commit = recipe.push_to_hub.push(output) if recipe.push_to_hub is not None else None
-    finally:
-        if tmp_root is not None:
-            shutil.rmtree(tmp_root, ignore_errors=True)
-    return RecipeResult(merger=merger, output_dir=output if tmp_root is None else None, commit=commit, summary=summary)
+            return merger.run(recipe.merge, output_dir=output, overwrite=recipe.overwrite)
+        forget = recipe.forget
+        params = {k: v for k, v in forget.params.items() if v is not None}
+        return merger.forget(
+            forget.task, scaling=forget.scaling, method=forget.method, target=forget.target, output_dir=output,
+            overwrite=recipe.overwrite, torch_dtype=forget.torch_dtype, max_shard_size=forget.max_shard_size,
+            as_adapter=forget.as_adapter, max_rank=forget.max_rank, energy=forget.energy, **params,
+        )  # fmt: skip
+
+    if recipe.push_to_hub is None:
+        output = write(Path(recipe.output_dir))
+        return RecipeResult(merger=merger, output_dir=output, summary=summary)
+    from .hub import save_and_push
+
+    push = recipe.push_to_hub
+    commit = save_and_push(write, push.repo_id, output_dir=recipe.output_dir, **push.options())
+    output = Path(recipe.output_dir) if recipe.output_dir is not None else None
+    return RecipeResult(merger=merger, output_dir=output, commit=commit, summary=summary)

@@ -418,8 +418,11 @@ class CheckpointReader:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # pickle errors come in many types
+            found = re.search(r"(?:unsupported|Unsupported) (?:GLOBAL|global):? [^\s.]+(?:\.[^\s.]+)*", str(err))
+            detail = found.group(0) if found else " ".join(str(err).split())[:300]
             raise CheckpointError(
-                f"Cannot load '{file}' with torch.load(weights_only=True) (arbitrary pickles are refused): {err}"
+                f"Cannot load '{file}' with torch.load(weights_only=True): it is not a plain state dict of tensors "
+                f"({detail}); arbitrary pickles are refused (convert it to safetensors where you trust it)."
             ) from err
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"'{file}' does not hold a flat state dict of tensors.")
