@@ -17,11 +17,14 @@ Every failure is one line on stderr naming the field, file or argument (``hf-sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
+import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -544,18 +547,50 @@ class _Formatter(logging.Formatter):
         return text + "\n" + self.formatException(record.exc_info) if record.exc_info else text
 
 
-def _quiet_libraries() -> None:
-    """Without ``-v``, stderr holds hf_sta's warnings and errors only: the libraries' progress bars (weights loading,
-    dataset generation, downloads) and info/warning logs are switched off through their environment variables (read
-    when they are first imported, which the CLI does after this; an explicit setting of the user's wins)."""
-    for name, value in (
-        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),  # huggingface_hub's and transformers' bars
-        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
-        ("TRANSFORMERS_VERBOSITY", "error"),
-        ("DATASETS_VERBOSITY", "critical"),  # a failed read is re-raised by hf_sta, naming the file
-        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
-    ):
+_QUIET_ENVIRONMENT = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "critical",  # a failed read is re-raised by hf_sta, naming the file
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Without ``-v``, stderr holds hf_sta's own lines only: the libraries' progress bars (weights loading, dataset
+    generation, uploads) and info/warning logs are off for the command, through their environment variables (read
+    when they are first imported, which the CLI does later; a user's own setting wins) and, for libraries already
+    imported (``main`` called in-process), their runtime switches. Everything is restored afterwards."""
+    saved_environment = {name: os.environ.get(name) for name in _QUIET_ENVIRONMENT}
+    for name, value in _QUIET_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    restore: list[Callable[[], None]] = []
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub import utils as hub_utils
+
+        if not hub_utils.are_progress_bars_disabled():
+            hub_utils.disable_progress_bars()
+            restore.append(hub_utils.enable_progress_bars)
+    for name in ("transformers", "datasets"):
+        if name in sys.modules:
+            library_logging = importlib.import_module(f"{name}.utils.logging")
+            verbosity, bars = library_logging.get_verbosity(), library_logging.is_progress_bar_enabled()
+            library_logging.set_verbosity(logging.CRITICAL if name == "datasets" else logging.ERROR)
+            library_logging.disable_progress_bar()
+            restore.append(functools.partial(library_logging.set_verbosity, verbosity))
+            if bars:
+                restore.append(library_logging.enable_progress_bar)
+    try:
+        yield
+    finally:
+        for undo in reversed(restore):
+            undo()
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # Exception types whose message says it all; any other type is named in front of its message.
@@ -591,18 +626,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``hf-sta: interrupted`` and exit with 130 (a write in progress is removed, nothing half-written is left).
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error (already printed as one line)
+        return int(done.code or 0)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     package_logger = logging.getLogger("hf_sta")
     previous_level = package_logger.level
     package_logger.addHandler(handler)
     package_logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
-    if args.verbose == 0:
-        _quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        with _quiet_libraries() if args.verbose == 0 else contextlib.nullcontext():
+            return func(args)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130

@@ -270,7 +270,10 @@ def accumulate_input_grams(
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=num_samples, desc=description, unit="sample", disable=not (progress and accelerator.is_main_process)
+        total=num_samples,
+        desc=description,
+        unit="sample",
+        disable=None if progress and accelerator.is_main_process else True,
     )
     micro_batches = samples = 0
     try:

@@ -131,7 +131,10 @@ def accumulate_gradient_statistics(
     from tqdm.auto import tqdm
 
     progress = tqdm(
-        total=num_samples, desc=description, unit="sample", disable=not (show_progress and accelerator.is_main_process)
+        total=num_samples,
+        desc=description,
+        unit="sample",
+        disable=None if show_progress and accelerator.is_main_process else True,
     )
     micro_batches = samples = 0
     try:
