@@ -69,7 +69,7 @@ def _out(line: str = "") -> None:
 # -- help texts -------------------------------------------------------------------------------------------------------
 def _describe_parameter(parameter: Any) -> str:
     kind = parameter.type.__name__
-    details = [f"{kind}", f"default {parameter.default}"]
+    details = [f"{kind}", f"default {parameter.shown_default}"]
     if parameter.choices:
         details.append("one of " + ", ".join(map(str, parameter.choices)))
     elif parameter.interval:

@@ -208,7 +208,9 @@ def test_methods_lists_the_registry(capsys):
         spec = get_merge_method(name)
         assert f"  {name}: {spec.pretty_name}" in output
         for parameter in spec.parameters:
-            assert f"{parameter.name} ({parameter.type.__name__}; default {parameter.default}" in output
+            assert f"{parameter.name} ({parameter.type.__name__}; default {parameter.shown_default}" in output
+    assert "density (float; default 0.7 (merging), 0.2 (forgetting), unless threshold is set;" in output
+    assert "default None" not in output  # every default reads as a value
 
 
 def test_help_documents_options_and_defaults(capsys):
