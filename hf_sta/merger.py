@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -40,7 +41,8 @@ class STAMerger(ForgetMixin, CompressMixin):
         self.importance: dict[str, ImportanceScores] = {}
         self.statistics: dict[str, Any] = {}  # {task: ActivationStatistics}
         self.writer = OutputWriter(pool, trust_remote_code=trust_remote_code)
-        self.eval_results: list[dict[str, Any]] | None = None  # model-index results for the card
+        # model-index results for the card: {task: {metric: value}}, or EvalResult objects / dicts of their fields
+        self.eval_results: Any = None
         self.model_name: str | None = None  # the card's title
         self.last_config: MergeConfig | None = None
         self.last_record: dict[str, Any] = {}  # what the last method's prepare hook recorded (learned coefficients)
@@ -67,14 +69,17 @@ class STAMerger(ForgetMixin, CompressMixin):
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         trust_remote_code: bool = False,
+        hub_ids: Mapping[str, str] | None = None,
     ) -> STAMerger:
         """Open the base and every fine-tuned checkpoint or PEFT LoRA adapter (folders, Hub repo ids, state dicts).
 
         Adapters' task vectors are the dense updates ``scaling * B @ A`` of the weights they adapt. Only headers and
         configs are read here; shapes, architectures and dtypes are checked now, so a bad input fails before any work.
+        ``hub_ids``: ``{"base_model" or task: "org/name"}``, the Hub repos local inputs came from, for the model
+        card's ``base_model`` lineage (repo ids given as inputs, and folders inside the Hub cache, are found alone).
         """
         hub = dict(revision=revision, token=token, cache_dir=cache_dir)
-        pool = open_pool(base_model, finetuned, adapters, task_specific=task_specific, **hub)
+        pool = open_pool(base_model, finetuned, adapters, task_specific=task_specific, hub_ids=hub_ids, **hub)
         return cls(pool, trust_remote_code=trust_remote_code)
 
     @classmethod
@@ -88,10 +93,14 @@ class STAMerger(ForgetMixin, CompressMixin):
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         trust_remote_code: bool = False,
+        hub_ids: Mapping[str, str] | None = None,
     ) -> STAMerger:
         """Merge task vectors shipped as files (each site ships ``tau_s`` via ``TaskVector.save`` and optionally its
-        importance); ``merge(weights="num_samples")`` weights the sites by the sample counts recorded in them."""
-        pool = pool_from_task_vectors(base_model, task_vectors, revision=revision, token=token, cache_dir=cache_dir)
+        importance); ``merge(weights="num_samples")`` weights the sites by the sample counts recorded in them.
+        ``hub_ids``: as in :meth:`from_pretrained`."""
+        pool = pool_from_task_vectors(
+            base_model, task_vectors, hub_ids, revision=revision, token=token, cache_dir=cache_dir
+        )
         merger = cls(pool, trust_remote_code=trust_remote_code)
         for name, path in (importance or {}).items():
             merger.load_importance(name, path)
@@ -251,9 +260,15 @@ class STAMerger(ForgetMixin, CompressMixin):
         )
 
     # -- save / push -------------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, overwrite: bool = False, eval_results: Any = None
+    ) -> Path:
         """Write the result of the last :meth:`merge` or :meth:`forget` to ``save_directory`` (streamed: the result is
-        recomputed tensor by tensor, never held), with its config, tokenizer, heads, recipe and model card."""
+        recomputed tensor by tensor, never held), with its config, tokenizer, heads, recipe and model card.
+        ``eval_results``: ``{task: {metric: value}}`` measured on the result (or ``huggingface_hub.EvalResult``
+        objects), written to the card as ``model-index`` (kept in :attr:`eval_results` for later saves)."""
+        if eval_results is not None:
+            self.eval_results = eval_results
         if self._last_operation is None:
             raise ConfigError("Nothing to save: call merge(...) or forget(...) first.")
         kind, arguments = self._last_operation
@@ -271,19 +286,23 @@ class STAMerger(ForgetMixin, CompressMixin):
         create_pr: bool = False,
         revision: str | None = None,
         output_dir: str | os.PathLike | None = None,
+        eval_results: Any = None,
     ):
         """Save the last merge/forget (to ``output_dir``, kept; else to a temporary folder, removed after a successful
         upload and kept, and named in the error, after a failed one) and upload it as one commit to ``repo_id`` with
         :func:`hf_sta.hub.push_folder` (repo and ``revision`` branch created when missing; an existing card is
-        updated). Returns the ``CommitInfo``."""
+        updated). ``eval_results``: as in :meth:`save_pretrained`. Returns the ``CommitInfo``."""
         from .hub import check_repo_id, save_and_push
 
         check_repo_id(repo_id)
+        if eval_results is not None:
+            self.eval_results = eval_results
         if self._last_operation is None:
             raise ConfigError("Nothing to push: call merge(...) or forget(...) first.")
         message = commit_message or f"hf_sta: {self._last_operation[0]} with hf_sta"
-        return save_and_push(self.save_pretrained, repo_id, output_dir=output_dir, private=private, token=token,
-                             commit_message=message, create_pr=create_pr, revision=revision)  # fmt: skip
+        with self.writer.for_hub() if output_dir is None else contextlib.nullcontext():
+            return save_and_push(self.save_pretrained, repo_id, output_dir=output_dir, private=private, token=token,
+                                 commit_message=message, create_pr=create_pr, revision=revision)  # fmt: skip
 
 
 def _saved(store: Mapping[str, Any], task: str, what: str, call: str) -> Any:

@@ -8,6 +8,7 @@ importance and statistics the result depends on, and the model card (file names:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from .io.checkpoints import (
 )
 from .io.pipeline import intra_op_threads
 from .layout import HEADS_FOLDER, IMPORTANCE_FOLDER, RECIPE_NAME, STATISTICS_FOLDER
+from .lineage import BASE_KEY, TARGET_KEY, hub_id, hub_metadata, portable_recipe
 from .measure import load_transformers_model, quiet_transformers
 from .pool import TaskPool
 
@@ -48,7 +50,7 @@ class CardInputs:
     importance: dict[str, Any] = field(default_factory=dict)
     statistics: dict[str, Any] = field(default_factory=dict)
     kept_fraction: dict[str, dict[str, float]] = field(default_factory=dict)
-    eval_results: list[dict[str, Any]] | None = None
+    eval_results: Any = None  # {task: {metric: value}} or EvalResult objects / dicts (hf_sta.card)
     model_name: str | None = None
 
 
@@ -74,6 +76,17 @@ class OutputWriter:
         self.pool = pool
         self.trust_remote_code = trust_remote_code
         self.last_adapter_report = None
+        self.names_only = False  # recipes name local inputs by name, not path (see for_hub)
+
+    @contextlib.contextmanager
+    def for_hub(self) -> Iterator[None]:
+        """Within the block, written recipes name local inputs by their names (``lineage.portable_recipe``): the
+        folder is built in a temporary place only to be pushed."""
+        previous, self.names_only = self.names_only, True
+        try:
+            yield
+        finally:
+            self.names_only = previous
 
     def emit(
         self,
@@ -200,7 +213,8 @@ class OutputWriter:
             if getattr(vector, "head_keys", None):
                 save_tensors(folder / HEADS_FOLDER / f"{task}.safetensors", vector.heads(), {"task": task})
         if not private:
-            self._ship_measurements(folder, output_dir, recipe, card)
+            self._ship_measurements(folder, recipe, card)
+            recipe = portable_recipe(recipe, output_dir, self._hub_ids(recipe), names_only=self.names_only)
         (folder / RECIPE_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False))
         if private:
             return
@@ -213,11 +227,23 @@ class OutputWriter:
             importance=card.importance or None,
             eval_results=card.eval_results,
             model_name=card.model_name,
+            base_metadata=hub_metadata(self.pool.base_folder, getattr(self.pool.base, "config", None)),
         )
 
+    def _hub_ids(self, recipe: dict) -> dict[str, str]:
+        """The known repo ids of the recipe's inputs, keyed as ``lineage.portable_recipe`` reads them."""
+        ids = {(BASE_KEY if key == "base" else key): repo for key, repo in self.pool.hub_ids.items()}
+        target = (recipe.get("forget") or {}).get("target")
+        if target and target not in self.pool.task_vectors:
+            repo = hub_id(target, target if Path(target).exists() else None)
+            if repo:
+                ids[TARGET_KEY] = repo
+        return ids
+
     @staticmethod
-    def _ship_measurements(folder: Path, output_dir: Path, recipe: dict, card: CardInputs) -> None:
-        """The importance / statistics the result depends on travel with it, so the recipe re-runs anywhere."""
+    def _ship_measurements(folder: Path, recipe: dict, card: CardInputs) -> None:
+        """The importance / statistics the result depends on travel with it (paths relative to the output folder),
+        so the recipe re-runs anywhere."""
         for key, sub, measured in (
             ("importance", IMPORTANCE_FOLDER, card.importance),
             ("statistics", STATISTICS_FOLDER, card.statistics),
@@ -227,4 +253,4 @@ class OutputWriter:
             recipe[key] = {}
             for task, value in measured.items():
                 path = value.save(folder / sub / f"{task}.safetensors")
-                recipe[key][task] = {"path": str(output_dir.resolve() / path.relative_to(folder))}
+                recipe[key][task] = {"path": path.relative_to(folder).as_posix()}

@@ -34,6 +34,7 @@ again. Every bad field raises
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -239,6 +240,20 @@ def _weights(value: Any, path: str) -> dict[str, float] | list[float] | str | No
     if isinstance(value, list):
         return [_number(weight, f"{path}[{index}]") for index, weight in enumerate(value)]
     raise ConfigError(f"{path} must be a mapping task -> weight, a list, or 'num_samples', got {value!r}")
+
+
+def _hub_ids(value: Any, tasks: list[str]) -> dict[str, str]:
+    from .hub import check_repo_id
+    from .lineage import BASE_KEY, TARGET_KEY
+
+    ids = {}
+    for key, repo in _mapping(value, "hub_ids").items():
+        if key not in (BASE_KEY, TARGET_KEY, *tasks):
+            raise ConfigError(
+                f"hub_ids.{key}: not an input; keys: {BASE_KEY}, {TARGET_KEY} or a task ({', '.join(tasks)})"
+            )
+        ids[key] = check_repo_id(repo, f"hub_ids.{key}")
+    return ids
 
 
 def _task_list(value: Any, path: str) -> list[str] | None:
@@ -465,6 +480,9 @@ class Recipe:
             it; ``merge.output_format`` / ``forget.as_adapter`` say the same).
         adapter: the adapter's ``max_rank`` / ``energy`` (defaults for the section's own), and what the merger
             recorded about the factorisation (kept as information).
+        hub_ids: the Hub repo ids of inputs given as local paths (keys ``base_model``, task names, ``target`` for
+            ``forget.target``): the model card lists them as ``base_model`` lineage, and a recipe read from a folder
+            where a relative path does not exist falls back to them (see :meth:`from_yaml`).
     """
 
     base_model: str
@@ -480,6 +498,7 @@ class Recipe:
     trust_remote_code: bool = False
     output_format: str = "full"
     adapter: dict[str, Any] = field(default_factory=dict)
+    hub_ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:
@@ -590,13 +609,17 @@ class Recipe:
             trust_remote_code=_bool(data.get("trust_remote_code", False), "trust_remote_code"),
             output_format=output_format,
             adapter=adapter if output_format == "adapter" else {},
+            hub_ids=_hub_ids(data.get("hub_ids"), tasks),
         )
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, *, trust_remote_code: bool = False) -> Recipe:
-        """Read and validate a YAML recipe. Recipes are shared next to pushed models, so a file cannot enable remote
-        code by itself: ``trust_remote_code: true`` in it is refused unless the caller passes ``trust_remote_code=True``
-        (``hf-sta merge --trust-remote-code``), and the caller's value is what the recipe runs with."""
+        """Read and validate a YAML recipe. A relative path in it is looked up next to the recipe file first (the
+        recipe saved with an output names its inputs relative to the output folder), then in the current directory,
+        then replaced by the input's ``hub_ids`` entry (:meth:`located`). Recipes are shared next to pushed models,
+        so a file cannot enable remote code by itself: ``trust_remote_code: true`` in it is refused unless the
+        caller passes ``trust_remote_code=True`` (``hf-sta merge --trust-remote-code``), and the caller's value is
+        what the recipe runs with."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Recipe '{path}' does not exist.")
@@ -606,7 +629,7 @@ class Recipe:
             raise ConfigError(f"'{path}' is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"'{path}' must hold a mapping of fields, got {type(data).__name__}")
-        recipe = cls.from_dict(data)
+        recipe = cls.from_dict(data).located(path.parent)
         if recipe.trust_remote_code and not trust_remote_code:
             raise ConfigError(
                 f"trust_remote_code: '{path}' sets trust_remote_code: true, which would run the checkpoints' own Python "
@@ -641,7 +664,32 @@ class Recipe:
             data["output_format"] = "adapter"
             if self.adapter:
                 data["adapter"] = dict(self.adapter)
+        if self.hub_ids:
+            data["hub_ids"] = dict(self.hub_ids)
         return data
+
+    def located(self, folder: str | os.PathLike) -> Recipe:
+        """This recipe with its relative paths resolved for a recipe file in ``folder`` (:func:`hf_sta.lineage.locate`:
+        next to the recipe first, then the current directory, then the input's ``hub_ids`` entry)."""
+        from .lineage import BASE_KEY, TARGET_KEY, locate
+
+        folder = Path(folder)
+        ids = self.hub_ids
+        changes: dict[str, Any] = {"base_model": locate(self.base_model, folder, ids.get(BASE_KEY))}
+        for group in _SOURCE_GROUPS:
+            changes[group] = {task: locate(src, folder, ids.get(task)) for task, src in getattr(self, group).items()}
+        changes["importance"] = {
+            task: dataclasses.replace(
+                config,
+                path=locate(config.path, folder) if config.path else None,
+                data=locate(config.data, folder) if config.data and Path(config.data).suffix else config.data,
+            )
+            for task, config in self.importance.items()
+        }
+        if self.forget is not None and self.forget.target and self.forget.target not in self.tasks:
+            target = locate(self.forget.target, folder, ids.get(TARGET_KEY))
+            changes["forget"] = dataclasses.replace(self.forget, target=target)
+        return dataclasses.replace(self, **changes)
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -704,8 +752,9 @@ def build_merger(recipe: Recipe):
     if not recipe.task_vectors:
         extra = {"adapters": dict(recipe.adapters)} if recipe.adapters else {}
         return STAMerger.from_pretrained(
-            recipe.base_model, dict(recipe.models) or None, trust_remote_code=recipe.trust_remote_code, **extra
-        )
+            recipe.base_model, dict(recipe.models) or None, trust_remote_code=recipe.trust_remote_code,
+            hub_ids=_pool_hub_ids(recipe), **extra,
+        )  # fmt: skip
     # Shipped task vectors go through from_task_vectors, with the fine-tunes and adapters as task vector objects on
     # one shared base reader.
     base = open_checkpoint(recipe.base_model, name="base")
@@ -718,9 +767,18 @@ def build_merger(recipe: Recipe):
         for task, source in recipe.adapters.items():
             vectors[task] = LoraTaskVector.from_pretrained(source, base, name=task)
     vectors.update(recipe.task_vectors)
-    merger = STAMerger.from_task_vectors(base, vectors, trust_remote_code=recipe.trust_remote_code)
+    merger = STAMerger.from_task_vectors(
+        base, vectors, trust_remote_code=recipe.trust_remote_code, hub_ids=_pool_hub_ids(recipe)
+    )
     merger.sources.update({"base": recipe.base_model, **recipe.models, **recipe.adapters, **recipe.task_vectors})
     return merger
+
+
+def _pool_hub_ids(recipe: Recipe) -> dict[str, str]:
+    """The recipe's ``hub_ids`` of the base and the tasks (the forget target's is read by the writer)."""
+    from .lineage import TARGET_KEY
+
+    return {key: repo for key, repo in recipe.hub_ids.items() if key != TARGET_KEY}
 
 
 def _check_importance(merger: Any, task: str, config: ImportanceConfig) -> None:
@@ -825,6 +883,7 @@ def run_recipe(recipe: Recipe, dry_run: bool = False):
     from .hub import save_and_push
 
     push = recipe.push_to_hub
-    commit = save_and_push(write, push.repo_id, output_dir=recipe.output_dir, **push.options())
+    with merger.writer.for_hub() if recipe.output_dir is None else contextlib.nullcontext():
+        commit = save_and_push(write, push.repo_id, output_dir=recipe.output_dir, **push.options())
     output = Path(recipe.output_dir) if recipe.output_dir is not None else None
     return RecipeResult(merger=merger, output_dir=output, commit=commit, summary=summary)

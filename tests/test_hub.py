@@ -72,7 +72,7 @@ def test_pushed_card_metadata_and_importance_plot(tmp_path, local_hub, llama_che
     folder = Path(snapshot_download("local-user/sta-card", cache_dir=tmp_path / "cache"))
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "transformers"
-    assert "hf-sta" in card.data.tags and "sta" in card.data.tags
+    assert "hf_sta" in card.data.tags and "sta" in card.data.tags
     assert card.data.eval_results[0].metric_value == 0.5
     assert (folder / "importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Selective Task Arithmetic" in card.text
