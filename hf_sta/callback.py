@@ -255,10 +255,8 @@ class STAMergeCallback(TrainerCallback):
 
     def _save_trained(self, model: torch.nn.Module, folder: Path) -> torch.nn.Module:
         """Save the trained model as a full checkpoint; return the module whose parameters match its tensor names."""
-        try:
-            from peft import PeftModel
-        except ImportError:  # pragma: no cover - peft is a dependency
-            PeftModel = ()  # noqa: N806
+        from peft import PeftModel
+
         model = getattr(model, "module", model)  # DataParallel / DDP
         if isinstance(model, PeftModel):
             # The dense delta of the LoRA: fold it into a copy (the Trainer's model is left as it is).

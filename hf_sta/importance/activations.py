@@ -36,24 +36,17 @@ _KIND = "activation_statistics"
 _FORMAT_VERSION = "1"
 
 
-def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return Conv1D
-
-
 def linear_layers(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """``{module name: (module, layout)}`` of every ``nn.Linear`` and pointwise ``nn.Conv2d`` (1x1 kernel, one group:
     a linear map of the channels at every position, weight ``[out, in, 1, 1]``) (``"out_in"``) and ``Conv1D``
     (``"in_out"``)."""
-    conv1d = _conv1d_class()
+    from transformers.pytorch_utils import Conv1D
+
     layers: dict[str, tuple[nn.Module, str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) or _is_pointwise_conv(module):
             layers[name] = (module, "out_in")
-        elif conv1d is not None and isinstance(module, conv1d):
+        elif isinstance(module, Conv1D):
             layers[name] = (module, "in_out")
     return layers
 
