@@ -14,10 +14,11 @@ import torch
 from . import measure
 from .compression.api import CompressMixin
 from .config import MergeConfig, parse_dtype
-from .engine import merge_job
+from .engine import check_device, check_num_threads, merge_job
 from .errors import ConfigError
 from .forgetting import ForgetMixin, ForgettingCurve
 from .importance import ImportanceScores
+from .io.pipeline import PIPELINE_WORKERS, torch_threads
 from .methods.registry import Prepared
 from .output import CardInputs, OutputWriter
 from .pool import CheckpointInput, PathOrRepo, TaskPool, open_pool, pool_from_task_vectors
@@ -195,6 +196,8 @@ class STAMerger(ForgetMixin, CompressMixin):
         validation_data: Mapping[str, Any] | None = None,
         accelerator: Any = None,
         model: torch.nn.Module | None = None,
+        device: str | torch.device | None = None,
+        num_threads: int | None = None,
         **params: Any,
     ):
         """Merge the task vectors: ``theta = theta_0 + scaling * method({tau_t}, weights, **params)``.
@@ -215,6 +218,11 @@ class STAMerger(ForgetMixin, CompressMixin):
         ``scaling="auto"`` (any method) and ``density="auto"`` (``sta``, ``ties``, ``dare_*``, ``magnitude_prune``)
         are chosen from a small grid (or the list given) by the same objective on the same ``data`` (``hf_sta.auto``);
         the choice and every evaluation go to ``last_record["auto"]``, the recipe and the card.
+
+        ``device``: where the kernels run (e.g. ``"cuda"`` for the SVD- and solve-based methods ``tsv``, ``iso_*``,
+        ``cart``, ``wudi``, ``regmean``); reading, writing and the output stay on the CPU, and methods that draw random
+        numbers (DARE) stay on the CPU. ``num_threads``: CPU threads the merge uses (torch's intra-op threads, and at
+        most that many tensors merged at once); default: torch's setting. Neither changes the recipe.
         """
         dtype = parse_dtype(torch_dtype)
         config = MergeConfig(
@@ -226,7 +234,8 @@ class STAMerger(ForgetMixin, CompressMixin):
         )  # fmt: skip
         objective = dict(data=data, loss_fn=loss_fn, predict_fn=predict_fn, validation_data=validation_data,
                          accelerator=accelerator, model=model)  # fmt: skip
-        return self.run(config, output_dir=output_dir, overwrite=overwrite, objective=objective)
+        return self.run(config, output_dir=output_dir, overwrite=overwrite, objective=objective, device=device,
+                        num_threads=num_threads)  # fmt: skip
 
     def run(
         self,
@@ -236,19 +245,27 @@ class STAMerger(ForgetMixin, CompressMixin):
         overwrite: bool = False,
         objective: dict[str, Any] | None = None,
         prepared: Prepared | None = None,
+        device: str | torch.device | None = None,
+        num_threads: int | None = None,
     ):
         """Execute a :class:`MergeConfig` (what :meth:`merge` and the CLI call); ``prepared``: reuse what the
-        method's ``prepare`` hook returned before (learned coefficients) instead of running it again."""
+        method's ``prepare`` hook returned before (learned coefficients) instead of running it again; ``device``,
+        ``num_threads``: as in :meth:`merge`."""
+        device, num_threads = check_device(device), check_num_threads(num_threads)
+        workers = min(PIPELINE_WORKERS, num_threads or PIPELINE_WORKERS)
         self.last_kept_fraction = {}
         ordered_output = output_dir is None and not getattr(self.base, "config", None)
         job = merge_job(self.pool, config, self.importance, self.statistics, objective or {}, self.last_kept_fraction,
-                        prepared=prepared, ordered_output=ordered_output)  # fmt: skip
+                        prepared=prepared, ordered_output=ordered_output, device=device, workers=workers)  # fmt: skip
         self.last_config, self.last_record = job.config, job.prepared.record
-        self._last_operation = ("merge", {"config": job.config, "objective": objective, "prepared": job.prepared})
-        return self.writer.emit(
-            job.stream, job.plan, recipe=job.recipe, head_tasks=job.tasks, output_dir=output_dir, overwrite=overwrite,
-            max_shard_size=job.config.max_shard_size, card=self._card_inputs(*job.shipped), adapter=job.adapter,
-        )  # fmt: skip
+        self._last_operation = ("merge", {"config": job.config, "objective": objective, "prepared": job.prepared,
+                                          "device": device, "num_threads": num_threads})  # fmt: skip
+        with torch_threads(num_threads):
+            return self.writer.emit(
+                job.stream, job.plan, recipe=job.recipe, head_tasks=job.tasks, output_dir=output_dir,
+                overwrite=overwrite, max_shard_size=job.config.max_shard_size, card=self._card_inputs(*job.shipped),
+                adapter=job.adapter,
+            )  # fmt: skip
 
     def _card_inputs(self, importance_tasks: list[str], statistics_tasks: list[str]) -> CardInputs:
         return CardInputs(
