@@ -34,6 +34,7 @@ from .importance import (
     finish_importance,
 )
 from .importance.activations import linear_layers
+from .importance.calibration import is_sharded
 from .pool import TaskPool
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,10 @@ def calibration_loader(
     loader = build_calibration_dataloader(
         data, tokenizer=tokenizer, causal_lm=causal_lm, needs_labels=needs_labels, **options
     )
-    return accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
+    # Data parallel: each process its share of the batches. A sharded model (FSDP2) runs collectives in every forward
+    # and backward pass: every process takes every batch.
+    split = accelerator.num_processes > 1 and not is_sharded(model)
+    return accelerator.prepare_data_loader(loader) if split else loader
 
 
 def compute_importance(
@@ -244,10 +248,17 @@ def _finish_scores(vector, model, names: dict[str, str], metric: str, gradients:
     inverse = {base_key: model_key for model_key, base_key in names.items()}
     scores = {}
     for key in vector.keys():
-        theta = state[inverse[key]].detach().cpu() if metric == "taylor" else None
+        theta = _whole(state[inverse[key]]).detach().cpu() if metric == "taylor" else None
         tau = vector.get(key) if metric == "taylor_delta" else None
         scores[key] = finish_importance(metric, gradient_statistic=gradients[key], theta=theta, task_vector=tau)
     return scores
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: gathered from the processes when it is a shard of an FSDP2 model."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _check_same_model(what: str, saved_hash: str | None, task: str, model_hash: str) -> None:

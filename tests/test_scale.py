@@ -59,3 +59,56 @@ def test_merge_completes_under_a_cap_of_half_its_inputs(tmp_path):
     assert result["capped_output_identical"]
     assert result["runs"]["naive"]["returncode"] != 0
     assert result["runs"]["capped"]["cgroup_peak_bytes"] <= result["cap_bytes"]
+
+
+def calibration_rows():
+    """Six causal-LM rows in micro-batches of 2 (the same batches on every process)."""
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, 96, (6, 10), generator=generator)
+    rows = [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row.clone()} for row in ids]
+    return DataLoader(rows, batch_size=2)
+
+
+@pytest.mark.slow
+def test_two_fsdp_sharded_processes_give_the_statistics_of_one(tmp_path, llama_checkpoints):
+    """Importance (taylor), Fisher and activation Grams of a tiny Llama sharded over 2 CPU processes with FSDP2 (gloo)
+    equal one unsharded process's on the same data."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from hf_sta.importance import ActivationStatistics
+
+    root = Path(__file__).resolve().parents[1]
+    merger = STAMerger.from_pretrained(llama_checkpoints.base, {"code": llama_checkpoints.finetuned["code"]})
+    model = LlamaForCausalLM.from_pretrained(llama_checkpoints.finetuned["code"])
+    options = dict(model=model, show_progress=False, num_samples=None)
+    expected = {
+        "taylor": merger.compute_importance("code", calibration_rows(), **options),
+        "fisher": merger.compute_importance("code", calibration_rows(), metric="fisher", **options),
+    }
+    grams = merger.compute_activation_statistics("code", calibration_rows(), **options)
+    port = str(29500 + os.getpid() % 1000)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+               str(root / "tests" / "scripts" / "fsdp_statistics.py"), str(llama_checkpoints.base),
+               str(llama_checkpoints.finetuned["code"]), str(tmp_path)]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=root, env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    processes, shard = (tmp_path / "shard.txt").read_text().split(" ", 1)
+    assert processes == "2" and shard == "[16, 32]"  # each process holds half of every [32, 32] projection
+    for metric, scores in expected.items():
+        sharded = load_file(tmp_path / f"{metric}.safetensors")
+        assert set(sharded) == set(scores.keys())
+        for key in scores.keys():
+            torch.testing.assert_close(sharded[key], scores[key], rtol=1e-5, atol=1e-9, msg=f"{metric} {key}")
+    loaded = ActivationStatistics.load(tmp_path / "grams.safetensors")
+    assert (loaded.num_tokens, loaded.num_samples) == (grams.num_tokens, grams.num_samples)
+    for key in grams.keys():
+        torch.testing.assert_close(loaded[key], grams.grams[key], rtol=1e-5, atol=1e-5, msg=key)

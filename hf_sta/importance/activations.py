@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io.checkpoints import CheckpointReader, save_tensors
+from .calibration import is_sharded
 from .data import batch_size, calibration_failure, check_calibration_batch, check_num_samples
 
 logger = logging.getLogger(__name__)
@@ -292,7 +293,8 @@ def accumulate_input_grams(
 
     totals = torch.tensor([micro_batches, samples], dtype=torch.float64, device=device)
     rows = hooks.rows
-    if accelerator.num_processes > 1:
+    data_parallel = accelerator.num_processes > 1 and not is_sharded(model)  # sharded: every process saw every batch
+    if data_parallel:
         totals = accelerator.reduce(totals, reduction="sum")
         rows = accelerator.reduce(rows, reduction="sum")
     if int(totals[0].item()) == 0:
@@ -302,7 +304,7 @@ def accumulate_input_grams(
     layouts: dict[str, str] = {}
     for (key, _, layout), count in zip(layers, rows):
         accumulator = hooks.accumulators.pop(key)
-        if accelerator.num_processes > 1:
+        if data_parallel:
             accumulator = accelerator.reduce(accumulator, reduction="sum")
         if count == 0:
             continue  # never called (e.g. a projection only used through its weight, like MultiheadAttention's)
