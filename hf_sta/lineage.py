@@ -1,9 +1,9 @@
 """Where an output came from, in terms the Hub understands, and recipes that travel with the output.
 
 - :func:`hub_id` finds the Hub repo id of an input: a repo id given as such (also when it was resolved offline from
-  the Hugging Face cache), a path inside the cache (``.../models--org--name/snapshots/<sha>``), or a local folder that
-  names its repo (``config.json``'s ``_name_or_path``, or its own model card's ``model-index`` name, when that is a
-  valid ``org/name``). The user's ``hub_ids={task: "org/name"}`` wins over all of these.
+  the Hugging Face cache), a path inside the cache (``.../models--org--name/snapshots/<sha>``), or a local folder whose
+  own model card's ``model-index`` name is a valid ``org/name``. The user's ``hub_ids={task: "org/name"}`` wins over
+  all of these.
 - :func:`portable_recipe` rewrites the recipe saved next to an output: local paths relative to the output folder, paths
   inside the Hub cache as repo ids, the known repo ids under ``hub_ids`` (a recipe read from elsewhere, e.g. after a
   download, falls back to them when a relative path does not exist). No absolute local path is written.
@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -60,28 +59,20 @@ def _from_cache_path(text: str) -> str | None:
 
 
 def _named_by_folder(folder: Path) -> str | None:
-    """The repo id a local folder names itself by: ``config.json``'s ``_name_or_path`` or its card's model-index name
-    (only values of the form ``org/name`` that are not local paths)."""
-    candidates = []
-    try:
-        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-        candidates.append(config.get("_name_or_path") if isinstance(config, dict) else None)
-    except (OSError, json.JSONDecodeError):
-        pass
+    """The repo id a local folder names itself by: its model card's model-index name, when that is of the form
+    ``org/name`` and not a local path. (``config.json``'s ``_name_or_path`` is not used: transformers writes there the
+    model a checkpoint was loaded from, for a fine-tune its parent, not the checkpoint's own repo.)"""
     card = folder / "README.md"
-    if card.is_file():
-        from huggingface_hub import ModelCard
+    if not card.is_file():
+        return None
+    from huggingface_hub import ModelCard
 
-        try:
-            data = ModelCard.load(card, ignore_metadata_errors=True).data
-            candidates.append(getattr(data, "model_name", None))
-        except (OSError, ValueError):
-            pass
-    for candidate in candidates:
-        if isinstance(candidate, str) and "/" in candidate and not Path(candidate).expanduser().exists():
-            repo_id = valid_repo_id(candidate)
-            if repo_id:
-                return repo_id
+    try:
+        name = getattr(ModelCard.load(card, ignore_metadata_errors=True).data, "model_name", None)
+    except (OSError, ValueError):
+        return None
+    if isinstance(name, str) and "/" in name and not Path(name).expanduser().exists():
+        return valid_repo_id(name)
     return None
 
 

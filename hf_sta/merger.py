@@ -77,7 +77,8 @@ class STAMerger(ForgetMixin, CompressMixin):
         Adapters' task vectors are the dense updates ``scaling * B @ A`` of the weights they adapt. Only headers and
         configs are read here; shapes, architectures and dtypes are checked now, so a bad input fails before any work.
         ``hub_ids``: ``{"base_model" or task: "org/name"}``, the Hub repos local inputs came from, for the model
-        card's ``base_model`` lineage (repo ids given as inputs, and folders inside the Hub cache, are found alone).
+        card's ``base_model`` lineage (repo ids given as inputs, folders inside the Hub cache and folders whose own card's
+        model-index name is a repo id are found alone).
         """
         hub = dict(revision=revision, token=token, cache_dir=cache_dir)
         pool = open_pool(base_model, finetuned, adapters, task_specific=task_specific, hub_ids=hub_ids, **hub)
