@@ -270,6 +270,16 @@ def case_hub_unreachable(c: Case):
     return ["push", str(folder), "me/model"], r"ConnectError: .*Connection refused \(while contacting the Hub at http"
 
 
+def case_hub_xet(c: Case):
+    error = ConnectionError("Failed to connect to the Xet storage service")  # huggingface_hub 2.x's Xet uploads
+    _fail(c.monkeypatch, "hf_sta.hub.push_folder", error)
+    return [
+        "push",
+        str(c.ckpt.finetuned["code"]),
+        "me/model",
+    ], r"ConnectionError: Failed to connect to the Xet .*while contacting the Hub"
+
+
 def case_bad_repo_id(c: Case):
     return ["push", str(c.ckpt.finetuned["code"]), "me/a/b"], r"repo_id: Repo id must be in the form"
 

@@ -234,3 +234,58 @@ def test_adapter_output_of_custom_code_passes_the_merger_setting(tmp_path, custo
     trusted = STAMerger.from_pretrained(base, {"code": code}, trust_remote_code=True)
     out = trusted.merge(output_dir=tmp_path / "adapter", output_format="adapter", max_rank=2)
     assert (out / "adapter_model.safetensors").is_file()
+
+
+# -- frictions: max_length capped at the model's positions; adapter warnings -------------------------------------------
+def test_importance_max_length_is_capped_at_the_model_positions(tmp_path, bert_checkpoints):
+    """The default max_length 512 on a BERT with 64 positions: raw text is cut at 64 tokens instead of indexing past
+    the position table."""
+    import datasets
+
+    from tests.test_fusion import word_tokenizer
+
+    folder = _copy(bert_checkpoints.finetuned["news"], tmp_path / "news")
+    words = [f"w{i}" for i in range(90)]
+    word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]"], words, "[CLS] $A [SEP]").save_pretrained(folder)
+    data = datasets.Dataset.from_dict({"text": [" ".join(words[:80])] * 2, "label": [0, 1]})
+    merger = STAMerger.from_pretrained(bert_checkpoints.base, {"news": folder})
+    scores = merger.compute_importance("news", data, show_progress=False)  # max_length defaults to 512
+    assert scores.num_samples == 2
+    with pytest.raises(CalibrationDataError, match="failed in the model"):  # what the cap prevents
+        merger.compute_importance("news", data, show_progress=False, tokenizer=_uncapped(folder))
+
+
+def _uncapped(folder: Path):
+    """The folder's tokenizer, pretending the model had 512 positions: it returns 82-token rows."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    original = tokenizer.__call__
+
+    def call(*args, **kwargs):
+        kwargs["max_length"] = 512
+        return original(*args, **kwargs)
+
+    tokenizer.__call__ = call
+    return _CallableTokenizer(tokenizer, call)
+
+
+class _CallableTokenizer:
+    def __init__(self, tokenizer, call) -> None:
+        self._tokenizer, self._call = tokenizer, call
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_adapter_warnings_are_one_line_each(tmp_path, llama_checkpoints, caplog):
+    merger = STAMerger.from_pretrained(llama_checkpoints.base, llama_checkpoints.finetuned)
+    with caplog.at_level(logging.WARNING, logger="hf_sta"):
+        merger.merge(output_dir=tmp_path / "lora", output_format="adapter", max_rank=1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings  # not one line per tensor left out
+    assert warnings[0].startswith("5 delta(s) that are not weights of LoRA-able modules")
+    assert "mean relative error of" in warnings[1] and "above 10%" in warnings[1]
