@@ -7,8 +7,8 @@
 - :func:`portable_recipe` rewrites the recipe saved next to an output: local paths relative to the output folder, paths
   inside the Hub cache as repo ids, the known repo ids under ``hub_ids`` (a recipe read from elsewhere, e.g. after a
   download, falls back to them when a relative path does not exist). No absolute local path is written.
-- :func:`hub_metadata` gives a card's ``library_name`` and ``pipeline_tag`` from the base (its card, else its
-  ``config.json`` architecture).
+- :func:`hub_metadata` gives a card's ``library_name`` (``transformers``) and ``pipeline_tag`` (the base's card's,
+  else its ``config.json`` architecture's).
 """
 
 from __future__ import annotations
@@ -112,26 +112,22 @@ def pipeline_tag(config: Mapping[str, Any] | None) -> str | None:
 
 
 def hub_metadata(folder: str | os.PathLike | None, config: Mapping[str, Any] | None) -> dict[str, str]:
-    """``library_name`` and ``pipeline_tag`` of a base model: from its own card when it has them, else
-    ``transformers`` (when it has a config) and :func:`pipeline_tag` of its config."""
-    metadata: dict[str, str] = {}
+    """``library_name`` and ``pipeline_tag`` of an output over this base: ``transformers`` when the base has a config
+    (outputs are transformers checkpoints: a base card's other library, e.g. ``sentence-transformers``, would promise
+    files the output does not have), and the pipeline tag of the base's own card, else of its config's architecture."""
+    metadata: dict[str, str] = {"library_name": "transformers"} if config else {}
     card = Path(folder) / "README.md" if folder is not None else None
     if card is not None and card.is_file():
         from huggingface_hub import ModelCard
 
         try:
-            data = ModelCard.load(card, ignore_metadata_errors=True).data
+            tag = getattr(ModelCard.load(card, ignore_metadata_errors=True).data, "pipeline_tag", None)
         except (OSError, ValueError):
-            data = None
-        for key in ("library_name", "pipeline_tag"):
-            value = getattr(data, key, None) if data is not None else None
-            if isinstance(value, str) and value:
-                metadata[key] = value
-    if config:
-        metadata.setdefault("library_name", "transformers")
-        tag = pipeline_tag(config)
-        if tag:
-            metadata.setdefault("pipeline_tag", tag)
+            tag = None
+        if isinstance(tag, str) and tag:
+            metadata["pipeline_tag"] = tag
+    if config and "pipeline_tag" not in metadata and pipeline_tag(config):
+        metadata["pipeline_tag"] = pipeline_tag(config)
     return metadata
 
 

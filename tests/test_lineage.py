@@ -161,3 +161,17 @@ def test_portable_recipe_keeps_repo_ids_and_task_targets(tmp_path):
     portable = portable_recipe(recipe, tmp_path / "out", {"base_model": "org/base", "a": "org/a"})
     assert portable["models"] == {"a": "../a", "b": "org/b"} and portable["forget"]["target"] == "b"
     assert portable["hub_ids"] == {"a": "org/a"}
+
+
+def test_pipeline_tag_from_the_base_card_library_from_the_format(tmp_path, llama_checkpoints):
+    from hf_sta.lineage import hub_metadata
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_checkpoints.base, base)
+    config = json.loads((base / "config.json").read_text())
+    assert hub_metadata(base, config) == {"library_name": "transformers", "pipeline_tag": "text-generation"}
+    (base / "README.md").write_text(
+        "---\nlibrary_name: sentence-transformers\npipeline_tag: sentence-similarity\n---\n"
+    )
+    assert hub_metadata(base, config) == {"library_name": "transformers", "pipeline_tag": "sentence-similarity"}
+    assert hub_metadata(None, None) == {}
