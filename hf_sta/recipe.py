@@ -20,6 +20,7 @@ merge:                        # hf_sta.config.MergeConfig; method parameters may
 output_dir: merged
 overwrite: false
 push_to_hub: {repo_id: me/llama-merged, private: true}
+hub_ids: {math: org/llama-math}  # the Hub repo a local input came from (the card's base_model lineage)
 ```
 
 A ``forget:`` section (:class:`ForgetConfig`) replaces ``merge:`` to forget a task. ``merge.output_format: adapter``
@@ -28,8 +29,10 @@ the top-level ``output_format: adapter`` and ``adapter: {max_rank, energy}`` the
 ``hf_sta_config.yaml`` saved next to every output is such a recipe: ``hf-sta merge hf_sta_config.yaml`` runs it
 again. Every bad field raises
 :class:`~hf_sta.errors.ConfigError` naming it (``merge.density must be in (0, 1], got 1.5``,
-``merge.dens1ty: unknown field ...``). Relative paths are relative to the current directory, as on the command line.
-:func:`run_recipe` executes a recipe (or only checks it with ``dry_run=True``).
+``merge.dens1ty: unknown field ...``). A relative path in a recipe file is looked up next to the file first, then in
+the current directory, then replaced by the input's ``hub_ids:`` entry (the recipe saved with an output names local
+inputs relative to the output folder, and their Hub repo ids under ``hub_ids:``, which the model card lists as
+``base_model``). :func:`run_recipe` executes a recipe (or only checks it with ``dry_run=True``).
 """
 
 from __future__ import annotations

@@ -175,3 +175,19 @@ def test_pipeline_tag_from_the_base_card_library_from_the_format(tmp_path, llama
     )
     assert hub_metadata(base, config) == {"library_name": "transformers", "pipeline_tag": "sentence-similarity"}
     assert hub_metadata(None, None) == {}
+
+
+def test_recipe_hub_ids_reach_the_card(tmp_path, llama_checkpoints):
+    recipe = {
+        "base_model": str(llama_checkpoints.base),
+        "models": {task: str(folder) for task, folder in llama_checkpoints.finetuned.items()},
+        "merge": {"method": "task_arithmetic", "scaling": 0.5},
+        "hub_ids": {"base_model": "org/base", "chat": "org/chat"},
+        "output_dir": str(tmp_path / "out"),
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(tmp_path / "r.yaml")]) == 0
+    data = ModelCard.load(tmp_path / "out" / "README.md").data
+    assert data.base_model == ["org/base", "org/chat"] and data.base_model_relation == "merge"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**recipe, "hub_ids": {"nope": "a/b"}}))
+    assert main(["merge", str(tmp_path / "r.yaml"), "--output-dir", str(tmp_path / "x")]) == 2
