@@ -545,12 +545,9 @@ def _versions() -> dict[str, str | None]:
         "torch": torch.__version__,
         "safetensors": safetensors.__version__,
     }
-    try:
-        import transformers
+    import transformers
 
-        versions["transformers"] = transformers.__version__
-    except ImportError:
-        versions["transformers"] = None
+    versions["transformers"] = transformers.__version__
     revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "hf_sta"], cwd=REPO_ROOT, capture_output=True, text=True)
     # Of the checkout; a --variant hf_sta=PATH run times the copy at PATH instead (see setup.hf_sta_variants).

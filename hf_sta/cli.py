@@ -9,27 +9,31 @@ hf-sta inspect DIR
 hf-sta methods
 ```
 
-A bad recipe or argument is one line on stderr naming the field (``hf-sta: error: merge.density must be in (0, 1],
-got 1.5``) and exit status 2; ``-vv`` adds the traceback.
+Every failure is one line on stderr naming the field, file or argument (``hf-sta: error: merge.density must be in
+(0, 1], got 1.5``) and exit status 2; ``-vv`` adds the traceback. The cases and what the user sees:
+``docs/fault-matrix.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
+import importlib
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, HfStaError
 
 logger = logging.getLogger(__name__)
 
 PROG = "hf-sta"
 EXIT_USAGE = 2
-EXIT_FAILURE = 1
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -48,6 +52,10 @@ class _Parser(argparse.ArgumentParser):
             self.epilog = self.epilog()
         return super().format_help()
 
+    def error(self, message: str) -> NoReturn:
+        """A usage error is one line, like every other failure (argparse prints the usage first)."""
+        self.exit(EXIT_USAGE, f"{PROG}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
 
 # The importance metrics (``hf_sta.importance.METRICS``; named here so that building the parser imports no torch).
 IMPORTANCE_METRICS = ("taylor", "taylor_delta", "fisher", "magnitude")
@@ -61,7 +69,7 @@ def _out(line: str = "") -> None:
 # -- help texts -------------------------------------------------------------------------------------------------------
 def _describe_parameter(parameter: Any) -> str:
     kind = parameter.type.__name__
-    details = [f"{kind}", f"default {parameter.default}"]
+    details = [f"{kind}", f"default {parameter.shown_default}"]
     if parameter.choices:
         details.append("one of " + ", ".join(map(str, parameter.choices)))
     elif parameter.interval:
@@ -147,10 +155,7 @@ def _run_recipe(args: argparse.Namespace, operation: str) -> int:
     from .recipe import run_recipe
 
     recipe = _load_recipe(args, operation)
-    try:
-        result = run_recipe(recipe, dry_run=args.dry_run)
-    except FileExistsError as err:
-        raise FileExistsError(str(err).replace("pass overwrite=True", "pass --overwrite")) from None
+    result = run_recipe(recipe, dry_run=args.dry_run)
     summary = result.summary
     params = ", ".join(f"{k}={v}" for k, v in summary["params"].items())
     method = f"{summary['method']}" + (f" ({params})" if params else "")
@@ -533,38 +538,115 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Formatter(logging.Formatter):
+    """``hf-sta: warning: ...`` for warnings, ``hf-sta: ...`` for progress messages (``-v``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        text = f"{PROG}: {level}{record.getMessage()}"
+        return text + "\n" + self.formatException(record.exc_info) if record.exc_info else text
+
+
+_QUIET_ENVIRONMENT = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "critical",  # a failed read is re-raised by hf_sta, naming the file
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Without ``-v``, stderr holds hf_sta's own lines only: the libraries' progress bars (weights loading, dataset
+    generation, uploads) and info/warning logs are off for the command, through their environment variables (read
+    when they are first imported, which the CLI does later; a user's own setting wins) and, for libraries already
+    imported (``main`` called in-process), their runtime switches. Everything is restored afterwards."""
+    saved_environment = {name: os.environ.get(name) for name in _QUIET_ENVIRONMENT}
+    for name, value in _QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    restore: list[Callable[[], None]] = []
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub import utils as hub_utils
+
+        if not hub_utils.are_progress_bars_disabled():
+            hub_utils.disable_progress_bars()
+            restore.append(hub_utils.enable_progress_bars)
+    for name in ("transformers", "datasets"):
+        if name in sys.modules:
+            library_logging = importlib.import_module(f"{name}.utils.logging")
+            verbosity, bars = library_logging.get_verbosity(), library_logging.is_progress_bar_enabled()
+            library_logging.set_verbosity(logging.CRITICAL if name == "datasets" else logging.ERROR)
+            library_logging.disable_progress_bar()
+            restore.append(functools.partial(library_logging.set_verbosity, verbosity))
+            if bars:
+                restore.append(library_logging.enable_progress_bar)
+    try:
+        yield
+    finally:
+        for undo in reversed(restore):
+            undo()
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# Exception types whose message says it all; any other type is named in front of its message.
+_SELF_EXPLAINED = (HfStaError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError)
+
+
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    """``error`` as one line: its message (with the file for OS errors, the Hub's explanation for Hub errors, the
+    notes added on the way up), the exception type in front when the message alone would not say what failed."""
+    if isinstance(error, OSError) and error.strerror and not isinstance(error, _SELF_EXPLAINED):
+        where = " -> ".join(f"'{name}'" for name in (error.filename, error.filename2) if name)
+        message = f"{error.strerror}" + (f": {where}" if where else "")
+    else:
+        message = str(error)
+    if isinstance(error, MemoryError):
+        message = "out of memory" + (f": {message}" if message else "")
+    elif not isinstance(error, _SELF_EXPLAINED):
+        message = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    if isinstance(error, ConnectionError) or type(error).__name__ in ("ConnectError", "ConnectTimeout"):
+        from huggingface_hub import constants
+
+        message += f" (while contacting the Hub at {constants.ENDPOINT}; set HF_ENDPOINT / HF_HUB_OFFLINE as needed)"
+    notes = [str(note) for note in getattr(error, "__notes__", [])]
+    message = " ".join(" ".join([message, *notes]).split())
+    return message.replace("pass overwrite=True", "pass --overwrite")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``hf-sta`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    """Run ``hf-sta`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    Every failure (a bad recipe or argument, a bad input file, a full disk, an unreachable Hub, out of memory) is one
+    ``hf-sta: error: ...`` line on stderr and exit status 2; ``-vv`` adds the traceback. Ctrl-C and SIGTERM print
+    ``hf-sta: interrupted`` and exit with 130 (a write in progress is removed, nothing half-written is left).
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error (already printed as one line)
+        return int(done.code or 0)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    handler.setFormatter(_Formatter())
     package_logger = logging.getLogger("hf_sta")
     previous_level = package_logger.level
     package_logger.addHandler(handler)
     package_logger.setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
-        logger.debug("Traceback:", exc_info=True)
-        sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
-        return EXIT_USAGE
+        with _quiet_libraries() if args.verbose == 0 else contextlib.nullcontext():
+            return func(args)
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
-    except Exception as err:
-        from huggingface_hub.errors import HfHubHTTPError
-
-        if not isinstance(err, HfHubHTTPError):
-            raise
+    except Exception as err:  # noqa: BLE001 - every failure ends as one line; -vv shows the traceback
         logger.debug("Traceback:", exc_info=True)
         sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
-        return EXIT_FAILURE
+        return EXIT_USAGE
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(previous_level)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from .errors import ConfigError
 
@@ -39,42 +37,8 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-class _ConfigMixin:
-    """Dict and YAML round trip with field-named errors for unknown keys."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> Any:
-        data = dict(data or {})
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(
-                f"Unknown field(s) {', '.join(unknown)} in {cls.__name__}; valid fields: {', '.join(sorted(names))}."
-            )
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> Any:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"'{path}' is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"'{path}' must hold a mapping of fields, got {type(data).__name__}.")
-        return cls.from_dict(data)
-
-
 @dataclass
-class MergeConfig(_ConfigMixin):
+class MergeConfig:
     """How to combine task vectors: ``theta = theta_0 + scaling * method({tau_t}, weights, **params)``.
 
     Args:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -18,16 +19,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 
 from .auto import search_settings, split_auto
 from .config import MergeConfig, parse_dtype
 from .errors import ConfigError
 from .importance import ImportanceScores
 from .io.checkpoints import TensorPlan, TensorSource
-from .io.pipeline import BufferPool, parallel_map
+from .io.pipeline import PIPELINE_WORKERS, BufferPool, parallel_map
 from .methods.registry import MergeMethod, Prepared, get_merge_method
 from .pool import TaskPool
 from .task_vector import TaskVector
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MergeContext",
@@ -43,6 +47,32 @@ __all__ = [
 
 Stream = Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None, Callable[[], None] | None]]
 """``(item, theta, delta or None, release or None)`` per base tensor; see :func:`stream_merge`."""
+
+
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` that this torch build can use; ``ConfigError`` naming it otherwise."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}: {err}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={device!r}: this torch build sees no CUDA device (torch.cuda.is_available() is False)."
+        )
+    if resolved.type not in ("cpu", "cuda", "xpu", "mps"):
+        raise ConfigError(f"device={device!r}: merges run on 'cpu', 'cuda', 'xpu' or 'mps'.")
+    return resolved
+
+
+def check_num_threads(num_threads: int | None) -> int | None:
+    """``None`` (torch's setting) or an integer ``>= 1``; ``ConfigError`` otherwise."""
+    if num_threads is not None and (
+        isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+    ):
+        raise ConfigError(f"num_threads must be an integer >= 1 (or None: torch's setting), got {num_threads!r}.")
+    return num_threads
 
 
 def tensor_seed(seed: int, key: str) -> int:
@@ -181,6 +211,8 @@ def stream_merge(
     *,
     ordered: bool = True,
     combine: bool = False,
+    device: torch.device | None = None,
+    workers: int = PIPELINE_WORKERS,
 ) -> Stream:
     """Yield ``(item, theta_0, scaling * method(stack_t tau_t), None)`` for every base tensor (the delta is ``None``
     for tensors no task vector touches), in plan order, or with ``ordered=False`` as each is ready.
@@ -189,9 +221,16 @@ def stream_merge(
     release)``. Unordered results go to a writer: an fp32 one is then built in a reused buffer, and ``release``
     (else ``None``) must be called once it has been written, to give the buffer back. ``kept_fraction`` receives the
     per-tensor fractions kernels report (STA), in plan order.
+
+    ``device``: where the kernel runs (its inputs are copied there and its result back; reads, writes and the
+    addition to ``theta_0`` stay on the CPU); stochastic kernels stay on the CPU, so that their draws do not depend on
+    the device. ``workers``: tensors merged at the same time (worker threads).
     """
     vectors, base = context.vectors, context.pool.base
     params = {**config.params, **prepared.params}
+    on_device = device is not None and device.type != "cpu" and not spec.stochastic
+    if device is not None and device.type != "cpu" and spec.stochastic:
+        logger.info("method '%s' draws random numbers: it runs on the CPU, not on %s.", spec.name, device)
     # Each tensor is read and merged by one of PIPELINE_WORKERS threads (see ``ordered`` for the order). The task
     # vectors are read straight into the rows of a stacking buffer (no per-task copy) taken from a pool of reused
     # buffers (no fresh pages to fault in for every tensor).
@@ -213,7 +252,12 @@ def stream_merge(
         if prepared.per_tensor is not None:
             tensor_params.update(prepared.per_tensor(key))
         generator = torch.Generator().manual_seed(tensor_seed(config.seed, key)) if spec.stochastic else None
-        delta = spec.function(stacked, context.weights, generator=generator, **tensor_params)
+        if on_device:  # the kernel on the accelerator, its result back to the CPU
+            inputs = send_to_device(tensor_params, device)
+            delta = spec.function(stacked.to(device), context.weights, generator=None, **inputs).cpu()
+            tensor_params["stats"] = inputs.get("stats", {})
+        else:
+            delta = spec.function(stacked, context.weights, generator=generator, **tensor_params)
         if delta.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr():
             delta = delta.clone()  # a kernel returning (a view of) its input: the buffer is reused
         pool.release(stacked)
@@ -232,7 +276,7 @@ def stream_merge(
         return item, theta, delta, None, stats
 
     tasks = context.tasks
-    for item, theta_0, delta, release, stats in parallel_map(merge_tensor, plan, ordered=ordered):
+    for item, theta_0, delta, release, stats in parallel_map(merge_tensor, plan, ordered=ordered, workers=workers):
         if "kept_fraction" in stats:
             kept_fraction[item.name] = dict(zip(tasks, stats["kept_fraction"].tolist()))
         yield item, theta_0, delta, release
@@ -265,6 +309,8 @@ def merge_job(
     *,
     prepared: Prepared | None = None,
     ordered_output: bool = False,
+    device: torch.device | None = None,
+    workers: int = PIPELINE_WORKERS,
 ) -> MergeJob:
     """Validate ``config``, check the method's requirements, run its ``prepare`` hook (unless ``prepared`` is given)
     and build the stream. ``ordered_output``: the sink needs plan order (a state dict); adapters always do.
@@ -296,7 +342,8 @@ def merge_job(
     # adapter is built in plan order.
     ordered = adapter is not None or ordered_output
     stream = stream_merge(
-        context, config, spec, prepared, plan, kept_fraction, ordered=ordered, combine=adapter is None
-    )
+        context, config, spec, prepared, plan, kept_fraction, ordered=ordered, combine=adapter is None,
+        device=device, workers=workers,
+    )  # fmt: skip
     shipped = (tasks if spec.requires_importance else [], tasks if "gram" in spec.requires else [])
     return MergeJob(config, tasks, prepared, plan, recipe, adapter, stream, shipped)

@@ -11,3 +11,7 @@ class CheckpointError(HfStaError, ValueError):
 
 class ConfigError(HfStaError, ValueError):
     """A configuration field (Python API, YAML recipe or CLI) has a bad value."""
+
+
+class CalibrationDataError(HfStaError, ValueError):
+    """A calibration batch does not fit the model (token ids past the vocabulary, wrong shapes, no loss)."""

@@ -219,6 +219,11 @@ class LoraTaskVector(TaskVector):
                 f"The adapter's {self._where(a_key)} has shape {list(a_shape)} but the config gives rank r={rank} for "
                 f"module '{module}' (rank_pattern/r)."
             )
+        if b_shape[1] != rank:
+            raise CheckpointError(
+                f"The adapter's {self._where(b_key)} has shape {list(b_shape)}: its inner dimension {b_shape[1]} should "
+                f"be the rank r={rank} of module '{module}' ({a_key} has shape {list(a_shape)})."
+            )
         layout = self._layout(module, a_key, a_shape, b_shape, base_shape)
         product_shape = self._product_shape(layout, a_shape, b_shape)
         if product_shape != base_shape:
@@ -321,6 +326,14 @@ class LoraTaskVector(TaskVector):
     def heads(self) -> dict[str, torch.Tensor]:
         """The head tensors, by their name in the PEFT-wrapped model (``base_model.model.`` removed)."""
         return {k.removeprefix(PEFT_KEY_PREFIX): self.reader.get_tensor(k) for k in self._heads}
+
+    def is_untrained(self) -> bool:
+        """Every ``lora_B`` factor is zero and nothing is saved in full: PEFT's initialisation, a zero task vector
+        (reads the ``lora_B`` factors, which are small)."""
+        entries = list(self._entries.values())
+        if not entries or any(entry.full_key is not None or entry.bias is not None for entry in entries):
+            return False
+        return all(not self.reader.get_tensor(e.lora.b_key).any() for e in entries if e.lora is not None)
 
     @property
     def base_model_name_or_path(self) -> str | None:

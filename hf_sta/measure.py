@@ -11,8 +11,10 @@ one accelerate loop (CPU, one GPU, or many processes whose sums are reduced once
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,10 @@ from .importance import (
     finish_importance,
 )
 from .importance.activations import linear_layers
+from .importance.calibration import is_sharded
 from .pool import TaskPool
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "calibration_loader",
@@ -45,6 +50,23 @@ __all__ = [
     "load_transformers_model",
     "parameter_names",
 ]
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars and info/warning logs off for the body (restored after): loading a folder hf_sta
+    has just written itself (an in-memory result) is an implementation detail, not something to report."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def load_transformers_model(folder: Path, *, trust_remote_code: bool = False):
@@ -83,7 +105,7 @@ def load_finetuned_model(pool: TaskPool, task: str, *, trust_remote_code: bool =
     return model
 
 
-def load_tokenizer(pool: TaskPool, task: str, data: Any) -> Any:
+def load_tokenizer(pool: TaskPool, task: str, data: Any, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer next to the task's fine-tuned checkpoint or the base: it tokenizes raw text and pads tokenized
     rows of unequal length. ``None`` for tokenized data when there is none (rows are then collated as they are)."""
     from transformers import AutoTokenizer
@@ -95,7 +117,7 @@ def load_tokenizer(pool: TaskPool, task: str, data: Any) -> Any:
         if folder is not None and any(
             (folder / name).is_file() for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
         ):
-            return AutoTokenizer.from_pretrained(folder)
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if "input_ids" in getattr(data, "column_names", []):
         return None
     raise ValueError(f"No tokenizer found for task '{task}': pass `tokenizer=` or tokenized data.")
@@ -136,18 +158,29 @@ def calibration_loader(
     *,
     tokenizer: Any = None,
     needs_labels: bool = True,
+    trust_remote_code: bool = False,
     **options: Any,
 ) -> Any:
     """The micro-batches of ``data`` for ``task`` (``options``: num_samples, micro_batch_size, collate_fn,
-    text_column, label_column, max_length), split across processes under ``accelerate launch``."""
+    text_column, label_column, max_length), split across processes under ``accelerate launch``. Raw text is cut at
+    ``max_length`` tokens, itself capped at the model's ``max_position_embeddings`` (a longer row would index past
+    the position table)."""
     config = getattr(model, "config", None)
     causal_lm = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0 and options.get("max_length", 512) > positions:
+        logger.info("max_length %s capped at the model's max_position_embeddings %d.", options.get("max_length", 512),
+                    positions)  # fmt: skip
+        options["max_length"] = positions
     if tokenizer is None and not isinstance(data, torch.utils.data.DataLoader):
-        tokenizer = load_tokenizer(pool, task, data)
+        tokenizer = load_tokenizer(pool, task, data, trust_remote_code=trust_remote_code)
     loader = build_calibration_dataloader(
         data, tokenizer=tokenizer, causal_lm=causal_lm, needs_labels=needs_labels, **options
     )
-    return accelerator.prepare_data_loader(loader) if accelerator.num_processes > 1 else loader
+    # Data parallel: each process its share of the batches. A sharded model (FSDP2) runs collectives in every forward
+    # and backward pass: every process takes every batch.
+    split = accelerator.num_processes > 1 and not is_sharded(model)
+    return accelerator.prepare_data_loader(loader) if split else loader
 
 
 def compute_importance(
@@ -183,8 +216,9 @@ def compute_importance(
         names = parameter_names(pool, task, model)
         accelerator = default_accelerator(accelerator)
         loader = calibration_loader(
-            pool, task, model, data, accelerator, needs_labels=loss_fn is None, **loader_options
-        )
+            pool, task, model, data, accelerator, needs_labels=loss_fn is None, trust_remote_code=trust_remote_code,
+            **loader_options,
+        )  # fmt: skip
         gradients, micro_batches, samples = accumulate_gradient_statistics(
             model,
             loader,
@@ -214,10 +248,17 @@ def _finish_scores(vector, model, names: dict[str, str], metric: str, gradients:
     inverse = {base_key: model_key for model_key, base_key in names.items()}
     scores = {}
     for key in vector.keys():
-        theta = state[inverse[key]].detach().cpu() if metric == "taylor" else None
+        theta = _whole(state[inverse[key]]).detach().cpu() if metric == "taylor" else None
         tau = vector.get(key) if metric == "taylor_delta" else None
         scores[key] = finish_importance(metric, gradient_statistic=gradients[key], theta=theta, task_vector=tau)
     return scores
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: gathered from the processes when it is a shard of an FSDP2 model."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _check_same_model(what: str, saved_hash: str | None, task: str, model_hash: str) -> None:
@@ -270,7 +311,9 @@ def compute_activation_statistics(
     model = model.to(dtype) if dtype is not None else model
     names = parameter_names(pool, task, model)
     accelerator = default_accelerator(accelerator)
-    loader = calibration_loader(pool, task, model, data, accelerator, needs_labels=False, **loader_options)
+    loader = calibration_loader(
+        pool, task, model, data, accelerator, needs_labels=False, trust_remote_code=trust_remote_code, **loader_options
+    )
     grams, layouts, num_tokens, samples = accumulate_input_grams(
         model,
         loader,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -13,12 +14,13 @@ import torch
 from . import measure
 from .compression.api import CompressMixin
 from .config import MergeConfig, parse_dtype
-from .engine import merge_job
+from .engine import check_device, check_num_threads, merge_job
 from .errors import ConfigError
 from .forgetting import ForgetMixin, ForgettingCurve
 from .importance import ImportanceScores
+from .io.pipeline import PIPELINE_WORKERS, torch_threads
 from .methods.registry import Prepared
-from .output import CardInputs, OutputWriter, push_folder
+from .output import CardInputs, OutputWriter
 from .pool import CheckpointInput, PathOrRepo, TaskPool, open_pool, pool_from_task_vectors
 
 __all__ = ["ForgettingCurve", "STAMerger"]
@@ -40,7 +42,8 @@ class STAMerger(ForgetMixin, CompressMixin):
         self.importance: dict[str, ImportanceScores] = {}
         self.statistics: dict[str, Any] = {}  # {task: ActivationStatistics}
         self.writer = OutputWriter(pool, trust_remote_code=trust_remote_code)
-        self.eval_results: list[dict[str, Any]] | None = None  # model-index results for the card
+        # model-index results for the card: {task: {metric: value}}, or EvalResult objects / dicts of their fields
+        self.eval_results: Any = None
         self.model_name: str | None = None  # the card's title
         self.last_config: MergeConfig | None = None
         self.last_record: dict[str, Any] = {}  # what the last method's prepare hook recorded (learned coefficients)
@@ -67,14 +70,18 @@ class STAMerger(ForgetMixin, CompressMixin):
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         trust_remote_code: bool = False,
+        hub_ids: Mapping[str, str] | None = None,
     ) -> STAMerger:
         """Open the base and every fine-tuned checkpoint or PEFT LoRA adapter (folders, Hub repo ids, state dicts).
 
         Adapters' task vectors are the dense updates ``scaling * B @ A`` of the weights they adapt. Only headers and
         configs are read here; shapes, architectures and dtypes are checked now, so a bad input fails before any work.
+        ``hub_ids``: ``{"base_model" or task: "org/name"}``, the Hub repos local inputs came from, for the model
+        card's ``base_model`` lineage (repo ids given as inputs, folders inside the Hub cache and folders whose own card's
+        model-index name is a repo id are found alone).
         """
         hub = dict(revision=revision, token=token, cache_dir=cache_dir)
-        pool = open_pool(base_model, finetuned, adapters, task_specific=task_specific, **hub)
+        pool = open_pool(base_model, finetuned, adapters, task_specific=task_specific, hub_ids=hub_ids, **hub)
         return cls(pool, trust_remote_code=trust_remote_code)
 
     @classmethod
@@ -88,10 +95,14 @@ class STAMerger(ForgetMixin, CompressMixin):
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         trust_remote_code: bool = False,
+        hub_ids: Mapping[str, str] | None = None,
     ) -> STAMerger:
         """Merge task vectors shipped as files (each site ships ``tau_s`` via ``TaskVector.save`` and optionally its
-        importance); ``merge(weights="num_samples")`` weights the sites by the sample counts recorded in them."""
-        pool = pool_from_task_vectors(base_model, task_vectors, revision=revision, token=token, cache_dir=cache_dir)
+        importance); ``merge(weights="num_samples")`` weights the sites by the sample counts recorded in them.
+        ``hub_ids``: as in :meth:`from_pretrained`."""
+        pool = pool_from_task_vectors(
+            base_model, task_vectors, hub_ids, revision=revision, token=token, cache_dir=cache_dir
+        )
         merger = cls(pool, trust_remote_code=trust_remote_code)
         for name, path in (importance or {}).items():
             merger.load_importance(name, path)
@@ -153,9 +164,11 @@ class STAMerger(ForgetMixin, CompressMixin):
         self.statistics[task] = stats
         return stats
 
-    def save_activation_statistics(self, task: str, path: str | os.PathLike) -> Path:
-        """Write ``task``'s activation statistics as one safetensors file (never the data they come from)."""
-        return _saved(self.statistics, task, "activation statistics", "compute_activation_statistics").save(path)
+    def save_activation_statistics(self, task: str, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``task``'s activation statistics as one safetensors file (never the data they come from),
+        atomically; an existing file is refused unless ``overwrite``."""
+        stats = _saved(self.statistics, task, "activation statistics", "compute_activation_statistics")
+        return stats.save(path, overwrite=overwrite)
 
     def load_activation_statistics(self, task: str, path: str | os.PathLike):
         """Load statistics saved by :meth:`save_activation_statistics`; refuses Grams that do not fit the task."""
@@ -184,6 +197,8 @@ class STAMerger(ForgetMixin, CompressMixin):
         validation_data: Mapping[str, Any] | None = None,
         accelerator: Any = None,
         model: torch.nn.Module | None = None,
+        device: str | torch.device | None = None,
+        num_threads: int | None = None,
         **params: Any,
     ):
         """Merge the task vectors: ``theta = theta_0 + scaling * method({tau_t}, weights, **params)``.
@@ -204,6 +219,11 @@ class STAMerger(ForgetMixin, CompressMixin):
         ``scaling="auto"`` (any method) and ``density="auto"`` (``sta``, ``ties``, ``dare_*``, ``magnitude_prune``)
         are chosen from a small grid (or the list given) by the same objective on the same ``data`` (``hf_sta.auto``);
         the choice and every evaluation go to ``last_record["auto"]``, the recipe and the card.
+
+        ``device``: where the kernels run (e.g. ``"cuda"`` for the SVD- and solve-based methods ``tsv``, ``iso_*``,
+        ``cart``, ``wudi``, ``regmean``); reading, writing and the output stay on the CPU, and methods that draw random
+        numbers (DARE) stay on the CPU. ``num_threads``: CPU threads the merge uses (torch's intra-op threads, and at
+        most that many tensors merged at once); default: torch's setting. Neither changes the recipe.
         """
         dtype = parse_dtype(torch_dtype)
         config = MergeConfig(
@@ -215,7 +235,8 @@ class STAMerger(ForgetMixin, CompressMixin):
         )  # fmt: skip
         objective = dict(data=data, loss_fn=loss_fn, predict_fn=predict_fn, validation_data=validation_data,
                          accelerator=accelerator, model=model)  # fmt: skip
-        return self.run(config, output_dir=output_dir, overwrite=overwrite, objective=objective)
+        return self.run(config, output_dir=output_dir, overwrite=overwrite, objective=objective, device=device,
+                        num_threads=num_threads)  # fmt: skip
 
     def run(
         self,
@@ -225,19 +246,27 @@ class STAMerger(ForgetMixin, CompressMixin):
         overwrite: bool = False,
         objective: dict[str, Any] | None = None,
         prepared: Prepared | None = None,
+        device: str | torch.device | None = None,
+        num_threads: int | None = None,
     ):
         """Execute a :class:`MergeConfig` (what :meth:`merge` and the CLI call); ``prepared``: reuse what the
-        method's ``prepare`` hook returned before (learned coefficients) instead of running it again."""
+        method's ``prepare`` hook returned before (learned coefficients) instead of running it again; ``device``,
+        ``num_threads``: as in :meth:`merge`."""
+        device, num_threads = check_device(device), check_num_threads(num_threads)
+        workers = min(PIPELINE_WORKERS, num_threads or PIPELINE_WORKERS)
         self.last_kept_fraction = {}
         ordered_output = output_dir is None and not getattr(self.base, "config", None)
         job = merge_job(self.pool, config, self.importance, self.statistics, objective or {}, self.last_kept_fraction,
-                        prepared=prepared, ordered_output=ordered_output)  # fmt: skip
+                        prepared=prepared, ordered_output=ordered_output, device=device, workers=workers)  # fmt: skip
         self.last_config, self.last_record = job.config, job.prepared.record
-        self._last_operation = ("merge", {"config": job.config, "objective": objective, "prepared": job.prepared})
-        return self.writer.emit(
-            job.stream, job.plan, recipe=job.recipe, head_tasks=job.tasks, output_dir=output_dir, overwrite=overwrite,
-            max_shard_size=job.config.max_shard_size, card=self._card_inputs(*job.shipped), adapter=job.adapter,
-        )  # fmt: skip
+        self._last_operation = ("merge", {"config": job.config, "objective": objective, "prepared": job.prepared,
+                                          "device": device, "num_threads": num_threads})  # fmt: skip
+        with torch_threads(num_threads):
+            return self.writer.emit(
+                job.stream, job.plan, recipe=job.recipe, head_tasks=job.tasks, output_dir=output_dir,
+                overwrite=overwrite, max_shard_size=job.config.max_shard_size, card=self._card_inputs(*job.shipped),
+                adapter=job.adapter,
+            )  # fmt: skip
 
     def _card_inputs(self, importance_tasks: list[str], statistics_tasks: list[str]) -> CardInputs:
         return CardInputs(
@@ -249,9 +278,15 @@ class STAMerger(ForgetMixin, CompressMixin):
         )
 
     # -- save / push -------------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, overwrite: bool = False, eval_results: Any = None
+    ) -> Path:
         """Write the result of the last :meth:`merge` or :meth:`forget` to ``save_directory`` (streamed: the result is
-        recomputed tensor by tensor, never held), with its config, tokenizer, heads, recipe and model card."""
+        recomputed tensor by tensor, never held), with its config, tokenizer, heads, recipe and model card.
+        ``eval_results``: ``{task: {metric: value}}`` measured on the result (or ``huggingface_hub.EvalResult``
+        objects), written to the card as ``model-index`` (kept in :attr:`eval_results` for later saves)."""
+        if eval_results is not None:
+            self.eval_results = eval_results
         if self._last_operation is None:
             raise ConfigError("Nothing to save: call merge(...) or forget(...) first.")
         kind, arguments = self._last_operation
@@ -268,14 +303,24 @@ class STAMerger(ForgetMixin, CompressMixin):
         commit_message: str | None = None,
         create_pr: bool = False,
         revision: str | None = None,
+        output_dir: str | os.PathLike | None = None,
+        eval_results: Any = None,
     ):
-        """Save the last merge/forget to a temporary folder and upload it as one commit to ``repo_id``
-        (``create_repo(exist_ok=True)`` then ``upload_folder``); returns the ``CommitInfo``."""
+        """Save the last merge/forget (to ``output_dir``, kept; else to a temporary folder, removed after a successful
+        upload and kept, and named in the error, after a failed one) and upload it as one commit to ``repo_id`` with
+        :func:`hf_sta.hub.push_folder` (repo and ``revision`` branch created when missing; an existing card is
+        updated). ``eval_results``: as in :meth:`save_pretrained`. Returns the ``CommitInfo``."""
+        from .hub import check_repo_id, save_and_push
+
+        check_repo_id(repo_id)
+        if eval_results is not None:
+            self.eval_results = eval_results
         if self._last_operation is None:
             raise ConfigError("Nothing to push: call merge(...) or forget(...) first.")
         message = commit_message or f"hf_sta: {self._last_operation[0]} with hf_sta"
-        return push_folder(self.save_pretrained, repo_id, private=private, token=token, commit_message=message,
-                           create_pr=create_pr, revision=revision)  # fmt: skip
+        with self.writer.for_hub() if output_dir is None else contextlib.nullcontext():
+            return save_and_push(self.save_pretrained, repo_id, output_dir=output_dir, private=private, token=token,
+                                 commit_message=message, create_pr=create_pr, revision=revision)  # fmt: skip
 
 
 def _saved(store: Mapping[str, Any], task: str, what: str, call: str) -> Any:

@@ -8,6 +8,7 @@ importance and statistics the result depends on, and the model card (file names:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,12 +33,13 @@ from .io.checkpoints import (
 )
 from .io.pipeline import intra_op_threads
 from .layout import HEADS_FOLDER, IMPORTANCE_FOLDER, RECIPE_NAME, STATISTICS_FOLDER
-from .measure import load_transformers_model
+from .lineage import BASE_KEY, TARGET_KEY, hub_id, hub_metadata, portable_recipe
+from .measure import load_transformers_model, quiet_transformers
 from .pool import TaskPool
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CardInputs", "OutputWriter", "full_tensors", "push_folder"]
+__all__ = ["CardInputs", "OutputWriter", "full_tensors"]
 
 
 @dataclass
@@ -48,7 +50,7 @@ class CardInputs:
     importance: dict[str, Any] = field(default_factory=dict)
     statistics: dict[str, Any] = field(default_factory=dict)
     kept_fraction: dict[str, dict[str, float]] = field(default_factory=dict)
-    eval_results: list[dict[str, Any]] | None = None
+    eval_results: Any = None  # {task: {metric: value}} or EvalResult objects / dicts (hf_sta.card)
     model_name: str | None = None
 
 
@@ -74,6 +76,17 @@ class OutputWriter:
         self.pool = pool
         self.trust_remote_code = trust_remote_code
         self.last_adapter_report = None
+        self.names_only = False  # recipes name local inputs by name, not path (see for_hub)
+
+    @contextlib.contextmanager
+    def for_hub(self) -> Iterator[None]:
+        """Within the block, written recipes name local inputs by their names (``lineage.portable_recipe``): the
+        folder is built in a temporary place only to be pushed."""
+        previous, self.names_only = self.names_only, True
+        try:
+            yield
+        finally:
+            self.names_only = previous
 
     def emit(
         self,
@@ -103,12 +116,13 @@ class OutputWriter:
         tmp_root = Path(tempfile.mkdtemp(prefix="hf_sta-"))
         try:
             folder = self.write(deltas, plan, tmp_root / "model", overwrite=False, private=True, **options)
-            if adapter is None:
-                return load_transformers_model(folder, trust_remote_code=self.trust_remote_code)
-            from peft import PeftModel
+            with quiet_transformers():
+                if adapter is None:
+                    return load_transformers_model(folder, trust_remote_code=self.trust_remote_code)
+                from peft import PeftModel
 
-            base_model = load_transformers_model(self.pool.base.folder, trust_remote_code=self.trust_remote_code)
-            return PeftModel.from_pretrained(base_model, folder)
+                base_model = load_transformers_model(self.pool.base.folder, trust_remote_code=self.trust_remote_code)
+                return PeftModel.from_pretrained(base_model, folder)
         finally:
             shutil.rmtree(tmp_root, ignore_errors=True)
 
@@ -136,7 +150,7 @@ class OutputWriter:
             if not private and existing_card.is_file():  # overwriting: the card is updated, not replaced
                 shutil.copy2(existing_card, tmp / "README.md")
             self._write_companions(tmp, recipe, head_tasks, plan, adapter is not None, card, private, output_dir)
-        logger.info("Wrote %s", output_dir)
+        (logger.debug if private else logger.info)("Wrote %s", output_dir)
         return output_dir
 
     def _write_weights(self, folder: Path, deltas: Iterator, plan: list[TensorPlan], max_shard_size, kind: str):
@@ -158,7 +172,7 @@ class OutputWriter:
         from .io.adapters import lora_layouts, write_lora_adapter
 
         if self.pool.base_folder is not None:
-            layouts = lora_layouts(self.pool.base_folder)
+            layouts = lora_layouts(self.pool.base_folder, trust_remote_code=self.trust_remote_code)
         else:
             layouts = {}
             for vector in self.pool.task_vectors.values():
@@ -199,7 +213,8 @@ class OutputWriter:
             if getattr(vector, "head_keys", None):
                 save_tensors(folder / HEADS_FOLDER / f"{task}.safetensors", vector.heads(), {"task": task})
         if not private:
-            self._ship_measurements(folder, output_dir, recipe, card)
+            self._ship_measurements(folder, recipe, card)
+            recipe = portable_recipe(recipe, output_dir, self._hub_ids(recipe), names_only=self.names_only)
         (folder / RECIPE_NAME).write_text(yaml.safe_dump(recipe, sort_keys=False))
         if private:
             return
@@ -212,11 +227,23 @@ class OutputWriter:
             importance=card.importance or None,
             eval_results=card.eval_results,
             model_name=card.model_name,
+            base_metadata=hub_metadata(self.pool.base_folder, getattr(self.pool.base, "config", None)),
         )
 
+    def _hub_ids(self, recipe: dict) -> dict[str, str]:
+        """The known repo ids of the recipe's inputs, keyed as ``lineage.portable_recipe`` reads them."""
+        ids = {(BASE_KEY if key == "base" else key): repo for key, repo in self.pool.hub_ids.items()}
+        target = (recipe.get("forget") or {}).get("target")
+        if target and target not in self.pool.task_vectors:
+            repo = hub_id(target, target if Path(target).exists() else None)
+            if repo:
+                ids[TARGET_KEY] = repo
+        return ids
+
     @staticmethod
-    def _ship_measurements(folder: Path, output_dir: Path, recipe: dict, card: CardInputs) -> None:
-        """The importance / statistics the result depends on travel with it, so the recipe re-runs anywhere."""
+    def _ship_measurements(folder: Path, recipe: dict, card: CardInputs) -> None:
+        """The importance / statistics the result depends on travel with it (paths relative to the output folder),
+        so the recipe re-runs anywhere."""
         for key, sub, measured in (
             ("importance", IMPORTANCE_FOLDER, card.importance),
             ("statistics", STATISTICS_FOLDER, card.statistics),
@@ -226,24 +253,4 @@ class OutputWriter:
             recipe[key] = {}
             for task, value in measured.items():
                 path = value.save(folder / sub / f"{task}.safetensors")
-                recipe[key][task] = {"path": str(output_dir.resolve() / path.relative_to(folder))}
-
-
-def push_folder(save: Callable[[Path], Path], repo_id: str, *, private: bool | None, token: str | bool | None,
-                commit_message: str, create_pr: bool, revision: str | None):  # fmt: skip
-    """``save(folder)`` into a temporary folder, then upload it as one commit (``create_repo(exist_ok=True)``,
-    ``upload_folder``: weights go through LFS); returns the ``CommitInfo``. Hub errors propagate."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    with tempfile.TemporaryDirectory(prefix="hf_sta-push-") as tmp:
-        folder = save(Path(tmp) / "model")
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message,
-            create_pr=create_pr,
-            revision=revision,
-            repo_type="model",
-        )
+                recipe[key][task] = {"path": path.relative_to(folder).as_posix()}

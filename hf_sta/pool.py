@@ -17,7 +17,7 @@ import torch
 
 from .config import validate_task_name
 from .errors import CheckpointError, ConfigError
-from .io.checkpoints import TensorSource, open_checkpoint
+from .io.checkpoints import CheckpointReader, TensorSource, fingerprint, open_checkpoint
 from .lora_task_vector import LoraTaskVector
 from .task_vector import CheckpointTaskVector, StoredTaskVector, TaskVector
 
@@ -79,6 +79,46 @@ def source_name(source: Any) -> str:
     return str(path.resolve()) if path.exists() else str(source)
 
 
+def _content_key(source: Any) -> str | None:
+    """A cheap identity of a checkpoint on disk (``io.checkpoints.fingerprint``: headers, sizes, sampled bytes), or
+    ``None`` for in-memory sources (hashing them would read every tensor)."""
+    return fingerprint(source) if isinstance(source, CheckpointReader) else None
+
+
+def _input_key(vector: TaskVector) -> str | None:
+    if isinstance(vector, CheckpointTaskVector):
+        return _content_key(vector.finetuned)
+    if isinstance(vector, LoraTaskVector | StoredTaskVector):
+        return vector.model_hash
+    return None
+
+
+def warn_suspicious_inputs(pool: TaskPool) -> None:
+    """Log a warning for inputs that are almost always a wrong path: one checkpoint under two task names (merged
+    twice), a fine-tune that is the base itself, an adapter that was never trained (its task vector is zero)."""
+    base_key = _content_key(pool.base)
+    seen: dict[str, str] = {}
+    for task, vector in pool.task_vectors.items():
+        key = _input_key(vector)
+        if key is not None and key in seen:
+            logger.warning(
+                "Tasks '%s' and '%s' are the same checkpoint (%s): it is merged twice. A wrong path?",
+                seen[key], task, pool.sources.get(task, task),
+            )  # fmt: skip
+        elif key is not None:
+            seen[key] = task
+        if isinstance(vector, CheckpointTaskVector) and key is not None and key == base_key:
+            logger.warning(
+                "The task vector of '%s' is zero: its checkpoint (%s) is the base model itself. A wrong path?",
+                task, pool.sources.get(task, task),
+            )  # fmt: skip
+        elif isinstance(vector, LoraTaskVector) and vector.is_untrained():
+            logger.warning(
+                "The task vector of '%s' is zero: every lora_B of adapter %s is zero (an untrained adapter?).",
+                task, pool.sources.get(task, task),
+            )  # fmt: skip
+
+
 @dataclass
 class TaskPool:
     """The base ``TensorSource``, the task vectors by name, and where each came from (``sources``)."""
@@ -86,6 +126,7 @@ class TaskPool:
     base: TensorSource
     task_vectors: dict[str, TaskVector]
     sources: dict[str, str] = field(default_factory=dict)
+    hub_ids: dict[str, str] = field(default_factory=dict)  # {"base" or task: Hub repo id}, where one is known
 
     def __post_init__(self) -> None:
         if not self.task_vectors:
@@ -159,15 +200,58 @@ class TaskPool:
         return inputs
 
 
+def _input_folder(item: Any) -> Any:
+    """The file or folder a base reader / task vector reads, for :func:`hf_sta.lineage.hub_id`."""
+    if isinstance(item, CheckpointTaskVector):
+        item = item.finetuned
+    elif isinstance(item, StoredTaskVector):
+        item = item.source
+    elif isinstance(item, LoraTaskVector):
+        return item.path
+    return getattr(item, "path", None)
+
+
+def resolve_hub_ids(
+    given: Mapping[str, Any], readers: Mapping[str, Any], user: Mapping[str, str] | None
+) -> dict[str, str]:
+    """``{"base" or task: repo id}`` of the inputs: the user's ``hub_ids`` (``base_model`` or ``base`` for the base,
+    task names), else what :func:`hf_sta.lineage.hub_id` finds from the source and the folder it was read from; for a
+    local base without one, the ``base_model_name_or_path`` an adapter records when it is a repo id."""
+    from .hub import check_repo_id
+    from .lineage import BASE_KEY, hub_id, valid_repo_id
+
+    user = {("base" if key == BASE_KEY else key): value for key, value in (user or {}).items()}
+    unknown = sorted(set(user) - set(given))
+    if unknown:
+        raise ConfigError(
+            f"hub_ids names {', '.join(unknown)}, which are not inputs ({BASE_KEY}, {', '.join(t for t in given if t != 'base')})."
+        )
+    found = {key: check_repo_id(repo, f"hub_ids.{key}") for key, repo in user.items()}
+    for key, source in given.items():
+        if key not in found:
+            repo = hub_id(source, _input_folder(readers.get(key)))
+            if repo:
+                found[key] = repo
+    if "base" not in found:
+        for vector in readers.values():
+            recorded = valid_repo_id(getattr(vector, "base_model_name_or_path", None))
+            if isinstance(vector, LoraTaskVector) and recorded and "/" in recorded:
+                found["base"] = recorded
+                break
+    return found
+
+
 def open_pool(
     base_model: CheckpointInput,
     finetuned: Mapping[str, CheckpointInput] | Sequence[PathOrRepo] | None,
     adapters: Mapping[str, PathOrRepo] | Sequence[PathOrRepo] | None,
     *,
     task_specific: str | Sequence[str] | None = "auto",
+    hub_ids: Mapping[str, str] | None = None,
     **hub: Any,
 ) -> TaskPool:
-    """Open the base and every fine-tuned checkpoint / PEFT LoRA adapter; ``hub``: revision, token, cache_dir."""
+    """Open the base and every fine-tuned checkpoint / PEFT LoRA adapter; ``hub``: revision, token, cache_dir;
+    ``hub_ids``: the Hub repo ids of local inputs (see :func:`resolve_hub_ids`)."""
     named, named_adapters = name_tasks(finetuned), name_tasks(adapters)
     if not named and not named_adapters:
         raise ConfigError(
@@ -192,11 +276,18 @@ def open_pool(
             )
     sources = {name: source_name(src) for name, src in {**named, **named_adapters}.items()}
     sources["base"] = source_name(base_model)
-    return TaskPool(base, task_vectors, sources)
+    given = {"base": base_model, **named, **named_adapters}
+    ids = resolve_hub_ids(given, {"base": base, **task_vectors}, hub_ids)
+    pool = TaskPool(base, task_vectors, sources, ids)
+    warn_suspicious_inputs(pool)
+    return pool
 
 
 def pool_from_task_vectors(
-    base_model: CheckpointInput, task_vectors: Mapping[str, PathOrRepo | TaskVector], **hub: Any
+    base_model: CheckpointInput,
+    task_vectors: Mapping[str, PathOrRepo | TaskVector],
+    hub_ids: Mapping[str, str] | None = None,
+    **hub: Any,
 ) -> TaskPool:
     """Task vectors shipped as files (``TaskVector.save``) or objects, each checked against the base."""
     base = open_checkpoint(base_model, name="base", **hub)
@@ -209,4 +300,8 @@ def pool_from_task_vectors(
         vectors[name] = vector
         sources[name] = source_name(item) if not isinstance(item, TaskVector) else vector.name
     sources["base"] = source_name(base_model)
-    return TaskPool(base, vectors, sources)
+    given = {key: (value if isinstance(value, str | os.PathLike) else None) for key, value in task_vectors.items()}
+    given["base"] = base_model if isinstance(base_model, str | os.PathLike) else None
+    pool = TaskPool(base, vectors, sources, resolve_hub_ids(given, {"base": base, **vectors}, hub_ids))
+    warn_suspicious_inputs(pool)
+    return pool

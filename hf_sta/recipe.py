@@ -20,6 +20,7 @@ merge:                        # hf_sta.config.MergeConfig; method parameters may
 output_dir: merged
 overwrite: false
 push_to_hub: {repo_id: me/llama-merged, private: true}
+hub_ids: {math: org/llama-math}  # the Hub repo a local input came from (the card's base_model lineage)
 ```
 
 A ``forget:`` section (:class:`ForgetConfig`) replaces ``merge:`` to forget a task. ``merge.output_format: adapter``
@@ -28,18 +29,19 @@ the top-level ``output_format: adapter`` and ``adapter: {max_rank, energy}`` the
 ``hf_sta_config.yaml`` saved next to every output is such a recipe: ``hf-sta merge hf_sta_config.yaml`` runs it
 again. Every bad field raises
 :class:`~hf_sta.errors.ConfigError` naming it (``merge.density must be in (0, 1], got 1.5``,
-``merge.dens1ty: unknown field ...``). Relative paths are relative to the current directory, as on the command line.
-:func:`run_recipe` executes a recipe (or only checks it with ``dry_run=True``).
+``merge.dens1ty: unknown field ...``). A relative path in a recipe file is looked up next to the file first, then in
+the current directory, then replaced by the input's ``hub_ids:`` entry (the recipe saved with an output names local
+inputs relative to the output folder, and their Hub repo ids under ``hub_ids:``, which the model card lists as
+``base_model``). :func:`run_recipe` executes a recipe (or only checks it with ``dry_run=True``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +50,7 @@ from typing import Any
 import yaml
 
 from .config import MergeConfig, parse_dtype, validate_task_name
-from .errors import ConfigError
+from .errors import CalibrationDataError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +245,20 @@ def _weights(value: Any, path: str) -> dict[str, float] | list[float] | str | No
     raise ConfigError(f"{path} must be a mapping task -> weight, a list, or 'num_samples', got {value!r}")
 
 
+def _hub_ids(value: Any, tasks: list[str]) -> dict[str, str]:
+    from .hub import check_repo_id
+    from .lineage import BASE_KEY, TARGET_KEY
+
+    ids = {}
+    for key, repo in _mapping(value, "hub_ids").items():
+        if key not in (BASE_KEY, TARGET_KEY, *tasks):
+            raise ConfigError(
+                f"hub_ids.{key}: not an input; keys: {BASE_KEY}, {TARGET_KEY} or a task ({', '.join(tasks)})"
+            )
+        ids[key] = check_repo_id(repo, f"hub_ids.{key}")
+    return ids
+
+
 def _task_list(value: Any, path: str) -> list[str] | None:
     if value is None:
         return None
@@ -417,13 +433,9 @@ class PushConfig:
         _reject_unknown(data, [f.name for f in dataclasses.fields(cls)], path)
         if "repo_id" not in data:
             raise ConfigError(f"{_join(path, 'repo_id')}: required")
-        repo_id = _string(data["repo_id"], _join(path, "repo_id"))
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        from .hub import check_repo_id
 
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError as err:
-            raise ConfigError(f"{_join(path, 'repo_id')}: {err}") from None
+        repo_id = check_repo_id(_string(data["repo_id"], _join(path, "repo_id")), _join(path, "repo_id"))
         return cls(
             repo_id=repo_id,
             private=_bool(data.get("private"), _join(path, "private"), optional=True),
@@ -433,26 +445,20 @@ class PushConfig:
         )
 
     def push(self, folder: str | os.PathLike, *, token: str | bool | None = None):
-        """Upload ``folder`` (an hf_sta output or any model folder); returns the ``CommitInfo``."""
-        from huggingface_hub import HfApi
+        """Upload ``folder`` (an hf_sta output or any model folder) with :func:`hf_sta.hub.push_folder`; returns the
+        ``CommitInfo``."""
+        from .hub import push_folder
 
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"Folder to push '{folder}' does not exist or is not a folder.")
-        api = HfApi(token=token)
-        api.create_repo(self.repo_id, private=self.private, exist_ok=True, repo_type="model")
-        if self.revision and not self.create_pr:
-            api.create_branch(self.repo_id, branch=self.revision, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(
-            repo_id=self.repo_id,
-            folder_path=folder,
-            commit_message=self.commit_message or f"Upload {folder.name} with hf_sta",
-            create_pr=self.create_pr,
-            revision=self.revision,
-            repo_type="model",
-        )
-        logger.info("Pushed %s to %s", folder, commit.commit_url)
-        return commit
+        return push_folder(folder, self.repo_id, token=token, **self.options())
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`hf_sta.hub.push_folder` other than the folder, repo id and token."""
+        return {
+            "private": self.private,
+            "create_pr": self.create_pr,
+            "revision": self.revision,
+            "commit_message": self.commit_message,
+        }
 
 
 # -- the recipe -------------------------------------------------------------------------------------------------------
@@ -477,6 +483,9 @@ class Recipe:
             it; ``merge.output_format`` / ``forget.as_adapter`` say the same).
         adapter: the adapter's ``max_rank`` / ``energy`` (defaults for the section's own), and what the merger
             recorded about the factorisation (kept as information).
+        hub_ids: the Hub repo ids of inputs given as local paths (keys ``base_model``, task names, ``target`` for
+            ``forget.target``): the model card lists them as ``base_model`` lineage, and a recipe read from a folder
+            where a relative path does not exist falls back to them (see :meth:`from_yaml`).
     """
 
     base_model: str
@@ -492,6 +501,7 @@ class Recipe:
     trust_remote_code: bool = False
     output_format: str = "full"
     adapter: dict[str, Any] = field(default_factory=dict)
+    hub_ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def tasks(self) -> list[str]:
@@ -602,13 +612,17 @@ class Recipe:
             trust_remote_code=_bool(data.get("trust_remote_code", False), "trust_remote_code"),
             output_format=output_format,
             adapter=adapter if output_format == "adapter" else {},
+            hub_ids=_hub_ids(data.get("hub_ids"), tasks),
         )
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, *, trust_remote_code: bool = False) -> Recipe:
-        """Read and validate a YAML recipe. Recipes are shared next to pushed models, so a file cannot enable remote
-        code by itself: ``trust_remote_code: true`` in it is refused unless the caller passes ``trust_remote_code=True``
-        (``hf-sta merge --trust-remote-code``), and the caller's value is what the recipe runs with."""
+        """Read and validate a YAML recipe. A relative path in it is looked up next to the recipe file first (the
+        recipe saved with an output names its inputs relative to the output folder), then in the current directory,
+        then replaced by the input's ``hub_ids`` entry (:meth:`located`). Recipes are shared next to pushed models,
+        so a file cannot enable remote code by itself: ``trust_remote_code: true`` in it is refused unless the
+        caller passes ``trust_remote_code=True`` (``hf-sta merge --trust-remote-code``), and the caller's value is
+        what the recipe runs with."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Recipe '{path}' does not exist.")
@@ -618,7 +632,7 @@ class Recipe:
             raise ConfigError(f"'{path}' is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"'{path}' must hold a mapping of fields, got {type(data).__name__}")
-        recipe = cls.from_dict(data)
+        recipe = cls.from_dict(data).located(path.parent)
         if recipe.trust_remote_code and not trust_remote_code:
             raise ConfigError(
                 f"trust_remote_code: '{path}' sets trust_remote_code: true, which would run the checkpoints' own Python "
@@ -653,7 +667,32 @@ class Recipe:
             data["output_format"] = "adapter"
             if self.adapter:
                 data["adapter"] = dict(self.adapter)
+        if self.hub_ids:
+            data["hub_ids"] = dict(self.hub_ids)
         return data
+
+    def located(self, folder: str | os.PathLike) -> Recipe:
+        """This recipe with its relative paths resolved for a recipe file in ``folder`` (:func:`hf_sta.lineage.locate`:
+        next to the recipe first, then the current directory, then the input's ``hub_ids`` entry)."""
+        from .lineage import BASE_KEY, TARGET_KEY, locate
+
+        folder = Path(folder)
+        ids = self.hub_ids
+        changes: dict[str, Any] = {"base_model": locate(self.base_model, folder, ids.get(BASE_KEY))}
+        for group in _SOURCE_GROUPS:
+            changes[group] = {task: locate(src, folder, ids.get(task)) for task, src in getattr(self, group).items()}
+        changes["importance"] = {
+            task: dataclasses.replace(
+                config,
+                path=locate(config.path, folder) if config.path else None,
+                data=locate(config.data, folder) if config.data and Path(config.data).suffix else config.data,
+            )
+            for task, config in self.importance.items()
+        }
+        if self.forget is not None and self.forget.target and self.forget.target not in self.tasks:
+            target = locate(self.forget.target, folder, ids.get(TARGET_KEY))
+            changes["forget"] = dataclasses.replace(self.forget, target=target)
+        return dataclasses.replace(self, **changes)
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -694,7 +733,16 @@ def load_calibration_data(config: ImportanceConfig):
             raise ConfigError(
                 f"importance.data: '{path}' has an unsupported format; use one of {', '.join(DATA_FILE_BUILDERS)}"
             )
-        return datasets.load_dataset(builder, data_files=str(path), split=config.split)
+        if path.stat().st_size == 0:
+            raise CalibrationDataError(f"Calibration data file '{path}' is empty.")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split=config.split)
+        except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as err:
+            cause = err.__cause__ or err.__context__ or err
+            detail = " ".join(str(cause).split()) or type(cause).__name__
+            raise CalibrationDataError(
+                f"Calibration data file '{path}' cannot be read as {builder}: {detail}"
+            ) from err
     return datasets.load_dataset(config.data, config.subset, split=config.split)
 
 
@@ -707,8 +755,9 @@ def build_merger(recipe: Recipe):
     if not recipe.task_vectors:
         extra = {"adapters": dict(recipe.adapters)} if recipe.adapters else {}
         return STAMerger.from_pretrained(
-            recipe.base_model, dict(recipe.models) or None, trust_remote_code=recipe.trust_remote_code, **extra
-        )
+            recipe.base_model, dict(recipe.models) or None, trust_remote_code=recipe.trust_remote_code,
+            hub_ids=_pool_hub_ids(recipe), **extra,
+        )  # fmt: skip
     # Shipped task vectors go through from_task_vectors, with the fine-tunes and adapters as task vector objects on
     # one shared base reader.
     base = open_checkpoint(recipe.base_model, name="base")
@@ -721,9 +770,18 @@ def build_merger(recipe: Recipe):
         for task, source in recipe.adapters.items():
             vectors[task] = LoraTaskVector.from_pretrained(source, base, name=task)
     vectors.update(recipe.task_vectors)
-    merger = STAMerger.from_task_vectors(base, vectors, trust_remote_code=recipe.trust_remote_code)
+    merger = STAMerger.from_task_vectors(
+        base, vectors, trust_remote_code=recipe.trust_remote_code, hub_ids=_pool_hub_ids(recipe)
+    )
     merger.sources.update({"base": recipe.base_model, **recipe.models, **recipe.adapters, **recipe.task_vectors})
     return merger
+
+
+def _pool_hub_ids(recipe: Recipe) -> dict[str, str]:
+    """The recipe's ``hub_ids`` of the base and the tasks (the forget target's is read by the writer)."""
+    from .lineage import TARGET_KEY
+
+    return {key: repo for key, repo in recipe.hub_ids.items() if key != TARGET_KEY}
 
 
 def _check_importance(merger: Any, task: str, config: ImportanceConfig) -> None:
@@ -810,33 +868,25 @@ def run_recipe(recipe: Recipe, dry_run: bool = False):
         return RecipeResult(merger=merger, output_dir=None, dry_run=True, summary=summary)
 
     prepare_importance(merger, recipe)
-    tmp_root = None
-    output = Path(recipe.output_dir) if recipe.output_dir is not None else None
-    if output is None:
-        tmp_root = Path(tempfile.mkdtemp(prefix="hf_sta-recipe-"))
-        output = tmp_root / recipe.push_to_hub.repo_id.split("/")[-1]
-    try:
+
+    def write(output: Path) -> Path:
         if recipe.merge is not None:
-            merger.run(recipe.merge, output_dir=output, overwrite=recipe.overwrite)
-        else:
-            forget = recipe.forget
-            params = {k: v for k, v in forget.params.items() if v is not None}
-            merger.forget(
-                forget.task,
-                scaling=forget.scaling,
-                method=forget.method,
-                target=forget.target,
-                output_dir=output,
-                overwrite=recipe.overwrite,
-                torch_dtype=forget.torch_dtype,
-                max_shard_size=forget.max_shard_size,
-                as_adapter=forget.as_adapter,
-                max_rank=forget.max_rank,
-                energy=forget.energy,
-                **params,
-            )
-        commit = recipe.push_to_hub.push(output) if recipe.push_to_hub is not None else None
-    finally:
-        if tmp_root is not None:
-            shutil.rmtree(tmp_root, ignore_errors=True)
-    return RecipeResult(merger=merger, output_dir=output if tmp_root is None else None, commit=commit, summary=summary)
+            return merger.run(recipe.merge, output_dir=output, overwrite=recipe.overwrite)
+        forget = recipe.forget
+        params = {k: v for k, v in forget.params.items() if v is not None}
+        return merger.forget(
+            forget.task, scaling=forget.scaling, method=forget.method, target=forget.target, output_dir=output,
+            overwrite=recipe.overwrite, torch_dtype=forget.torch_dtype, max_shard_size=forget.max_shard_size,
+            as_adapter=forget.as_adapter, max_rank=forget.max_rank, energy=forget.energy, **params,
+        )  # fmt: skip
+
+    if recipe.push_to_hub is None:
+        output = write(Path(recipe.output_dir))
+        return RecipeResult(merger=merger, output_dir=output, summary=summary)
+    from .hub import save_and_push
+
+    push = recipe.push_to_hub
+    with merger.writer.for_hub() if recipe.output_dir is None else contextlib.nullcontext():
+        commit = save_and_push(write, push.repo_id, output_dir=recipe.output_dir, **push.options())
+    output = Path(recipe.output_dir) if recipe.output_dir is not None else None
+    return RecipeResult(merger=merger, output_dir=output, commit=commit, summary=summary)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def reestimate_batchnorm(
     try:
         for batch in batches:
             if device is not None:
-                batch = batch.to(device) if isinstance(batch, torch.Tensor) else batch
+                batch = send_to_device(batch, device)
             forward_fn(model, batch)
             count += 1
     finally:

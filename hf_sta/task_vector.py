@@ -146,6 +146,13 @@ def align_keys(
         elif dtype not in MERGEABLE_DTYPES:
             raise CheckpointError(f"Tensor '{base_key}' of '{base.name}' has unsupported dtype {dtype}.")
         elif base_key not in ft_mapped:
+            prefix = _wrapper_prefix(base, finetuned)
+            if prefix is not None:
+                raise CheckpointError(
+                    f"Every tensor of '{finetuned.name}' is saved under the prefix '{prefix}' (a model saved from its "
+                    f"training wrapper: DataParallel / DDP 'module.', torch.compile '_orig_mod.'): save the unwrapped "
+                    f"model, or strip '{prefix}' from its tensor names."
+                )
             raise CheckpointError(
                 f"Tensor '{base_key}' of the base '{base.name}' is missing from '{finetuned.name}'. Another "
                 "architecture, or an incomplete checkpoint?"
@@ -156,6 +163,17 @@ def align_keys(
                 f"Tensor '{ft_key}' of '{finetuned.name}' has unsupported dtype {finetuned.dtype(ft_key)}."
             )
     return alignment
+
+
+def _wrapper_prefix(base: TensorSource, finetuned: TensorSource) -> str | None:
+    """The prefix (``module.``, ``_orig_mod.``, ...) that every tensor name of ``finetuned`` carries and whose removal
+    gives base names, or ``None``."""
+    keys = list(finetuned.keys())
+    first = keys[0].split(".", 1)[0] + "." if keys and "." in keys[0] else None
+    if first is None or not all(key.startswith(first) for key in keys):
+        return None
+    base_keys = set(base.keys())
+    return first if any(key[len(first) :] in base_keys for key in keys) else None
 
 
 def _check_finite(tensor: torch.Tensor, what: str) -> torch.Tensor:

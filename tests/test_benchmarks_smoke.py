@@ -96,3 +96,14 @@ def test_importance_loops_agree_on_a_tiny_llama():
     with bench_importance.PeakRSS() as peak:
         bench_importance.plain_loop(model, batches)
     assert peak.peak > 0
+
+
+def test_startup_benchmark_tiny(capsys):
+    """`hf-sta --help` runs in a fresh process without torch; the benchmark reports it against the interpreter."""
+    from benchmarks import bench_startup
+
+    result = bench_startup.main(["--tiny"])
+    rows = result["results"]
+    assert set(rows) == {"python -c pass", "import hf_sta", "hf-sta --help", "hf-sta --version"}
+    assert all(row["median_s"] > 0 for row in rows.values())
+    assert "| `hf-sta --help` |" in capsys.readouterr().out

@@ -88,7 +88,7 @@ def test_merged_card_metadata_and_body(tmp_path):
     assert card.data.base_model == ["org/base-model", "org/news-model", "org/sentiment-model"]
     assert card.data.base_model_relation == "merge"
     assert card.data.library_name == "transformers"
-    assert {"hf-sta", "merge", "ties"} <= set(card.data.tags)
+    assert {"hf_sta", "merge", "ties"} <= set(card.data.tags)
     text = card.text
     spec = get_merge_method("ties")
     assert spec.pretty_name in text and spec.paper_url in text
@@ -193,9 +193,9 @@ def test_forgotten_card(tmp_path):
         },
     }
     card = ModelCard.load(write_model_card(tmp_path, recipe=recipe, importance={"news": importance_scores(0)}))
-    assert card.data.base_model == ["org/base-model", "org/news-model", "org/merged-model"]
-    assert card.data.base_model_relation == "merge"
-    assert {"hf-sta", "forget", "sta"} <= set(card.data.tags)
+    assert card.data.base_model == "org/merged-model"  # the edited model is the parent
+    assert card.data.base_model_relation == "finetune"
+    assert {"hf_sta", "forgetting", "sta"} <= set(card.data.tags)
     text = card.text
     assert "task **news** forgotten" in text and "hf-sta forget hf_sta_config.yaml" in text
     assert "| scaling | 1.5 |" in text and "| density | 0.2 |" in text
@@ -215,7 +215,7 @@ def test_adapter_card(tmp_path):
     assert card.data.library_name == "peft"
     assert card.data.base_model == "org/base-model"
     assert card.data.base_model_relation == "adapter"
-    assert {"hf-sta", "merge", "task_arithmetic", "lora"} <= set(card.data.tags)
+    assert {"hf_sta", "merge", "task_arithmetic", "lora"} <= set(card.data.tags)
     assert "PeftModel.from_pretrained" in card.text and 'from_pretrained("org/base-model")' in card.text
     assert "| max\\_rank | 16 |" in card.text
 
@@ -266,7 +266,7 @@ def test_existing_card_is_updated_not_overwritten(tmp_path):
     assert text.index("My own notes") < text.index(SECTION_START) < text.index("Please cite us.")
     assert "DARE (linear)" in text and "TIES-Merging" not in text
     assert card.data.license == "mit" and card.data.language == "en"
-    assert card.data.tags[:1] == ["custom"] and {"hf-sta", "merge", "ties", "dare_linear"} <= set(card.data.tags)
+    assert card.data.tags[:1] == ["custom"] and {"hf_sta", "merge", "ties", "dare_linear"} <= set(card.data.tags)
     assert card.data.base_model == ["org/base-model", "org/news-model-v2"]
     # An explicit existing card (e.g. the previous output folder's) is read from where it is.
     other = tmp_path / "new-output"
@@ -325,7 +325,7 @@ def test_card_from_a_real_merge(tmp_path, llama_checkpoints):
         folder, recipe=recipe, kept_fraction=merger.last_kept_fraction, importance=merger.importance
     )
     card = ModelCard.load(path)
-    assert card.data.tags[:3] == ["hf-sta", "merge", "sta"]
+    assert card.data.tags[:3] == ["hf_sta", "merge", "sta"]
     assert "base_model" not in card.data.to_dict()  # local folders only
     rows = table_rows(card.text, "| Layer | code |")
     assert rows[2].startswith("| model.layers.0 | 50.0% | 50.0% | 50.0% |")

@@ -350,6 +350,10 @@ def test_compress_merge_folder_end_to_end(bert_checkpoints, tmp_path, monkeypatc
         assert not torch.allclose(reloaded(ids).pooler_output, in_memory(ids).pooler_output)
     card = (out / "README.md").read_text()
     assert "news" in card and "0.9100" in card and "Recovery" in card
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(out / "README.md").data
+    assert data.tags[:2] == ["hf_sta", "compression"] and data.pipeline_tag == "feature-extraction"
     with pytest.raises(ConfigError, match="unknown task"):
         merger.compress(merged, keep_tasks=["nope"], importance="magnitude", target=0.5)
 

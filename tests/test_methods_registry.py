@@ -79,8 +79,16 @@ def test_stochastic_flag():
 
 
 def test_validate_params_fills_defaults():
-    assert get_merge_method("ties").validate_params({}) == {"density": 0.2, "majority_sign_method": "total"}
-    assert get_merge_method("ties").validate_params(None) == {"density": 0.2, "majority_sign_method": "total"}
+    assert get_merge_method("ties").validate_params({}) == {
+        "density": 0.2,
+        "majority_sign_method": "total",
+        "weighting": "peft",
+    }
+    assert get_merge_method("ties").validate_params(None) == {
+        "density": 0.2,
+        "majority_sign_method": "total",
+        "weighting": "peft",
+    }
     assert get_merge_method("dare_ties").validate_params({"density": "0.3"}) == {
         "density": 0.3,
         "majority_sign_method": "total",

@@ -113,3 +113,49 @@ def test_many_tasks_count_dtype():
     # More than 255 tasks switch the agreement count from uint8 to int32.
     task_tensors = torch.ones(300, 4)
     assert torch.equal(ties(task_tensors, torch.ones(300), density=1.0), torch.ones(4))
+
+
+def _mergekit_ties(task_tensors: torch.Tensor, weights: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit's ties written out densely: trim each task vector, weight it, elect the sign of the weighted sum,
+    divide the agreeing weighted sum by the agreeing weights' sum (0 -> 1)."""
+    flat = task_tensors.reshape(task_tensors.shape[0], -1)
+    k = int(density * flat.shape[1])
+    trimmed = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        keep = flat[t].abs().argsort(descending=True, stable=True)[:k]
+        trimmed[t, keep] = flat[t, keep]
+    weighted = trimmed * weights[:, None]
+    sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    mask = (torch.sign(weighted) == sign).float()
+    divisor = (weights[:, None] * mask).sum(0)
+    divisor[divisor == 0] = 1
+    return ((weighted * mask).sum(0) / divisor).view(task_tensors.shape[1:])
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.5, 0.5], [0.2, 1.0, 0.7], [1.0, 1.0, 1.0]])
+def test_mergekit_weighting_matches_mergekit_formula(weights):
+    generator = torch.Generator().manual_seed(3)
+    task_tensors = torch.randn(3, 16, 24, generator=generator)
+    weights = torch.tensor(weights)
+    out = ties(task_tensors, weights, density=0.4, weighting="mergekit")
+    torch.testing.assert_close(out, _mergekit_ties(task_tensors, weights, 0.4), rtol=1e-6, atol=1e-6)
+
+
+def test_uniform_weights_scale_peft_convention_only():
+    generator = torch.Generator().manual_seed(4)
+    task_tensors = torch.randn(3, 50, generator=generator)
+    ones, halves = torch.ones(3), torch.full((3,), 0.5)
+    unit = ties(task_tensors, ones, density=0.3)
+    torch.testing.assert_close(ties(task_tensors, halves, density=0.3), 0.5 * unit)
+    torch.testing.assert_close(ties(task_tensors, halves, density=0.3, weighting="mergekit"), unit)
+    assert torch.equal(ties(task_tensors, ones, density=0.3, weighting="mergekit"), unit)
+
+
+def test_linear_is_average_for_mergekit_users():
+    from hf_sta.methods import get_merge_method
+
+    generator = torch.Generator().manual_seed(5)
+    task_tensors, weights = torch.randn(2, 7, generator=generator), torch.tensor([1.0, 3.0])
+    linear = get_merge_method("linear")
+    assert linear.function is get_merge_method("average").function
+    torch.testing.assert_close(linear.function(task_tensors, weights), (task_tensors[0] + 3 * task_tensors[1]) / 4)

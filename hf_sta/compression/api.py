@@ -384,7 +384,7 @@ class CompressMixin:
         from ..measure import load_tokenizer
 
         if folder is not None and any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-            return AutoTokenizer.from_pretrained(folder)
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=self.trust_remote_code)
         if data is None or isinstance(data, torch.utils.data.DataLoader):
             return None
-        return load_tokenizer(self.pool, task, data)
+        return load_tokenizer(self.pool, task, data, trust_remote_code=self.trust_remote_code)

@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..card import hub_model_id, md_escape, md_prose, template_path
+from ..card import RELATIONS, hub_model_id, md_escape, md_prose, template_path
 from ..layout import CARD_NAME
+from ..lineage import pipeline_tag
 
 __all__ = ["write_compressed_card"]
 
@@ -41,8 +42,10 @@ def write_compressed_card(folder: Path, record: Mapping[str, Any], *, model_name
 
     original, compressed = record["original"], record["compressed"]
     base_id = hub_model_id(base_model) if base_model is not None else None
-    data = ModelCardData(library_name="transformers", tags=["hf-sta", "compressed", "pruning"],
-                         **({"base_model": base_id} if base_id else {}))  # fmt: skip
+    lineage = {"base_model": base_id, "base_model_relation": RELATIONS["compressed"]} if base_id else {}
+    tag = pipeline_tag(_config(folder))
+    data = ModelCardData(library_name="transformers", tags=["hf_sta", "compression", "pruning"],
+                         **({"pipeline_tag": tag} if tag else {}), **lineage)  # fmt: skip
     recovery = record.get("recovery")
     context = {
         "title": md_escape(model_name),
@@ -64,3 +67,8 @@ def write_compressed_card(folder: Path, record: Mapping[str, Any], *, model_name
     path = Path(folder) / CARD_NAME
     card.save(path)
     return path
+
+
+def _config(folder: Path) -> dict | None:
+    path = folder / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None

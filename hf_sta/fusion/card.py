@@ -96,6 +96,8 @@ def render_fused_card(config: FusionConfig, model: FusedMultiTaskModel | None = 
         library_name="hf_sta",
         tags=["hf_sta", "fusion", "multi-task", "text-classification"],
         pipeline_tag="text-classification",
+        # several trained models combined into one: the closest relation the Hub knows is a merge
+        base_model_relation="merge" if base_models else None,
     )
     return ModelCard.from_template(
         data,

@@ -377,15 +377,13 @@ class FusedMultiTaskModel(nn.Module):
     ):
         """Save to a temporary folder and upload it. Sources that are not Hub repos (local folders, in-memory
         models) are shipped by default so the repo is usable elsewhere. Returns the ``CommitInfo``."""
-        from huggingface_hub import HfApi
+        from ..hub import save_and_push
 
-        api = HfApi(token=token)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / "fused", ship_sources=ship_sources, _for_hub=True)
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision
-            )
+        def save(folder: Path) -> Path:
+            return self.save_pretrained(folder, ship_sources=ship_sources, _for_hub=True)
+
+        return save_and_push(save, repo_id, private=private, token=token, commit_message=commit_message,
+                             revision=revision)  # fmt: skip
 
     @classmethod
     def _load(

@@ -428,7 +428,7 @@ def load_transformers_source(
     """Load a folder or Hub repo (a full checkpoint or a PEFT adapter) as a :class:`TransformersSource`.
 
     The model class follows ``config.architectures`` (``*ForSequenceClassification``, ``*ForCausalLM``, else
-    ``AutoModel``); an adapter loads its ``base_model_name_or_path`` first. ``trust_remote_code`` is never set.
+    ``AutoModel``); an adapter loads its ``base_model_name_or_path`` first. ``trust_remote_code`` is always ``False`` (passed explicitly, so that transformers refuses custom code instead of asking on stdin).
 
     Raises:
         CheckpointError: naming ``task`` and ``reference`` when neither a model nor an adapter can be loaded.
@@ -436,7 +436,7 @@ def load_transformers_source(
     from transformers import AutoConfig, AutoTokenizer
 
     text = os.fspath(reference)
-    kwargs = {"dtype": torch.float32, **(load_kwargs or {})}
+    kwargs = {"dtype": torch.float32, "trust_remote_code": False, **(load_kwargs or {})}
     try:
         adapter = Path(text).is_dir() and (Path(text) / "adapter_config.json").is_file()
         if adapter:
@@ -444,15 +444,15 @@ def load_transformers_source(
 
             peft_config = PeftConfig.from_pretrained(text)
             base_ref = peft_config.base_model_name_or_path
-            base_config = AutoConfig.from_pretrained(base_ref)
+            base_config = AutoConfig.from_pretrained(base_ref, trust_remote_code=False)
             base = _auto_class(base_config.architectures).from_pretrained(base_ref, **kwargs)
             model = PeftModel.from_pretrained(base, text)
             tokenizer_ref = text if (Path(text) / "tokenizer_config.json").is_file() else base_ref
         else:
-            config = AutoConfig.from_pretrained(text)
+            config = AutoConfig.from_pretrained(text, trust_remote_code=False)
             model = _auto_class(config.architectures).from_pretrained(text, **kwargs)
             tokenizer_ref = text
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"Source of task {task!r} could not be loaded from {text!r}: {err}") from err
     model.eval()

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..io.checkpoints import CheckpointReader, save_tensors
-from .calibration import _batch_size, _to_device
+from .calibration import is_sharded
+from .data import batch_size, calibration_failure, check_calibration_batch, check_num_samples
 
 logger = logging.getLogger(__name__)
 
@@ -36,24 +37,17 @@ _KIND = "activation_statistics"
 _FORMAT_VERSION = "1"
 
 
-def _conv1d_class() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return Conv1D
-
-
 def linear_layers(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """``{module name: (module, layout)}`` of every ``nn.Linear`` and pointwise ``nn.Conv2d`` (1x1 kernel, one group:
     a linear map of the channels at every position, weight ``[out, in, 1, 1]``) (``"out_in"``) and ``Conv1D``
     (``"in_out"``)."""
-    conv1d = _conv1d_class()
+    from transformers.pytorch_utils import Conv1D
+
     layers: dict[str, tuple[nn.Module, str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) or _is_pointwise_conv(module):
             layers[name] = (module, "out_in")
-        elif conv1d is not None and isinstance(module, conv1d):
+        elif isinstance(module, Conv1D):
             layers[name] = (module, "in_out")
     return layers
 
@@ -116,7 +110,7 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 def _samples_in(batch: Any) -> int:
     if isinstance(batch, torch.Tensor) and batch.dim() > 0:  # a bare input tensor, [batch, ...]
         return int(batch.shape[0])
-    return _batch_size(batch)
+    return batch_size(batch)
 
 
 def _token_mask(batch: Any) -> torch.Tensor | None:
@@ -251,8 +245,9 @@ def accumulate_input_grams(
     """
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    if num_samples is not None and num_samples < 1:
-        raise ValueError(f"{description}: num_samples must be >= 1, got {num_samples}.")
+    check_num_samples(num_samples)
+    from accelerate.utils import send_to_device
+
     if accelerator is None:
         from accelerate import Accelerator
 
@@ -269,17 +264,24 @@ def accumulate_input_grams(
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=num_samples, desc=description, unit="sample", disable=not (progress and accelerator.is_main_process)
+        total=num_samples,
+        desc=description,
+        unit="sample",
+        disable=None if progress and accelerator.is_main_process else True,
     )
     micro_batches = samples = 0
     try:
         with torch.no_grad():
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 if num_samples is not None and samples >= num_samples:
                     break
-                batch = _to_device(batch, device)
+                batch = send_to_device(batch, device)
+                check_calibration_batch(model, batch, index)
                 hooks.set_batch(batch)
-                forward_fn(model, batch)
+                try:
+                    forward_fn(model, batch)
+                except (IndexError, RuntimeError, TypeError, ValueError) as err:
+                    raise calibration_failure(index, batch, err) from err
                 micro_batches += 1
                 size = _samples_in(batch)
                 samples += size
@@ -291,7 +293,8 @@ def accumulate_input_grams(
 
     totals = torch.tensor([micro_batches, samples], dtype=torch.float64, device=device)
     rows = hooks.rows
-    if accelerator.num_processes > 1:
+    data_parallel = accelerator.num_processes > 1 and not is_sharded(model)  # sharded: every process saw every batch
+    if data_parallel:
         totals = accelerator.reduce(totals, reduction="sum")
         rows = accelerator.reduce(rows, reduction="sum")
     if int(totals[0].item()) == 0:
@@ -301,7 +304,7 @@ def accumulate_input_grams(
     layouts: dict[str, str] = {}
     for (key, _, layout), count in zip(layers, rows):
         accumulator = hooks.accumulators.pop(key)
-        if accelerator.num_processes > 1:
+        if data_parallel:
             accumulator = accelerator.reduce(accumulator, reduction="sum")
         if count == 0:
             continue  # never called (e.g. a projection only used through its weight, like MultiheadAttention's)
@@ -397,12 +400,14 @@ class ActivationStatistics:
                 meta[key] = str(getattr(self, key))
         return meta
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the statistics to ``path`` (one ``.safetensors`` file) and return it."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the statistics to ``path`` (one ``.safetensors`` file, atomically) and return it; an existing
+        ``path`` is refused unless ``overwrite``."""
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"Activation statistics are saved as a .safetensors file, got '{path}'.")
-        save_tensors(path, {key: self.grams[key].float() for key in self.keys()}, self.metadata)
+        grams = {key: self.grams[key].float() for key in self.keys()}
+        save_tensors(path, grams, self.metadata, overwrite=overwrite)
         return path
 
     @classmethod

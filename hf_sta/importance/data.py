@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
+
+from ..errors import CalibrationDataError, ConfigError
 
 
 def dataset_fingerprint(data: Any) -> str | None:
@@ -35,6 +38,7 @@ def build_calibration_dataloader(
     ``tokenizer`` unless it already has ``input_ids``, and collated: causal LMs get ``labels = input_ids`` (padding
     ignored), classifiers get their ``label_column`` as ``labels``.
     """
+    check_num_samples(num_samples)
     if isinstance(data, DataLoader):
         return data
     if not hasattr(data, "select") or not hasattr(data, "column_names"):
@@ -46,8 +50,6 @@ def build_calibration_dataloader(
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
     if num_samples is not None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         data = data.select(range(min(num_samples, len(data))))
     columns = set(data.column_names)
     if "input_ids" not in columns:
@@ -86,3 +88,63 @@ def build_calibration_dataloader(
 
             collate_fn = DataCollatorWithPadding(tokenizer)
     return DataLoader(data, batch_size=micro_batch_size, shuffle=False, collate_fn=collate_fn)
+
+
+def check_num_samples(num_samples: Any) -> int | None:
+    """``num_samples`` is ``None`` (all the data) or an integer ``>= 1``; else :class:`ConfigError` naming it."""
+    if num_samples is None:
+        return None
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"num_samples must be an integer >= 1 (or None: all the data), got {num_samples!r}.")
+    return num_samples
+
+
+def batch_size(batch: Any) -> int:
+    """Samples in a micro-batch: ``accelerate.utils.find_batch_size`` (the first tensor's first dimension), 1 when
+    the batch holds no tensor with one."""
+    from accelerate.utils import find_batch_size
+
+    try:
+        return int(find_batch_size(batch))
+    except (TypeError, ValueError, IndexError):
+        return 1
+
+
+def describe_batch(batch: Any) -> str:
+    """``input_ids [8, 128] int64, labels [8] int64``: the shapes and dtypes of a batch's tensors, for errors."""
+    items = (
+        batch.items()
+        if isinstance(batch, Mapping)
+        else enumerate(batch if isinstance(batch, list | tuple) else [batch])
+    )
+    parts = [f"{name} {list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+             for name, value in items if isinstance(value, torch.Tensor)]  # fmt: skip
+    return ", ".join(parts) or type(batch).__name__
+
+
+def check_calibration_batch(model: torch.nn.Module, batch: Any, index: int) -> None:
+    """Refuse a batch the model cannot take, before its forward pass: ``input_ids`` that are not ``[batch, sequence]``
+    or hold ids outside the input embedding's vocabulary. Raises :class:`CalibrationDataError` with the batch's
+    index and shapes (and the vocabulary size)."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not isinstance(ids, torch.Tensor):
+        return
+    if ids.dim() != 2:
+        raise CalibrationDataError(
+            f"Calibration batch {index} ({describe_batch(batch)}): input_ids must be [batch, sequence], got "
+            f"{ids.dim()} dimension(s)."
+        )
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None and ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        raise CalibrationDataError(
+            f"Calibration batch {index} ({describe_batch(batch)}): token ids range over [{int(ids.min())}, "
+            f"{int(ids.max())}], but the model's vocabulary has {vocab} entries (ids 0..{vocab - 1}). Data tokenized "
+            "for another model?"
+        )
+
+
+def calibration_failure(index: int, batch: Any, error: Exception) -> CalibrationDataError:
+    """The error a failed forward/backward pass on calibration batch ``index`` is re-raised as."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    return CalibrationDataError(f"Calibration batch {index} ({describe_batch(batch)}) failed in the model: {message}")

@@ -408,6 +408,28 @@ class AdapterWriteReport:
         }
 
 
+# Above this mean relative reconstruction error ||delta - B A||_F / ||delta||_F over the adapter's modules, writing
+# an adapter warns: the adapter then differs visibly from the dense result it stands for (raise max_rank / energy).
+ADAPTER_ERROR_WARNING = 0.1
+
+
+def _warn(report: AdapterWriteReport) -> None:
+    """One warning line for the deltas left out, one for a poor factorisation (above ``ADAPTER_ERROR_WARNING``)."""
+    left_out = [key for key, why in report.skipped.items() if why.startswith("not LoRA-able")]
+    if left_out:
+        shown = ", ".join(left_out[:3]) + (f" and {len(left_out) - 3} more" if len(left_out) > 3 else "")
+        logger.warning(
+            "%d delta(s) that are not weights of LoRA-able modules (biases, norms, ...) are not in the adapter: %s "
+            "(their norms: AdapterWriteReport.skipped; keep them with a full checkpoint).", len(left_out), shown,
+        )  # fmt: skip
+    if report.mean_relative_error > ADAPTER_ERROR_WARNING:
+        logger.warning(
+            "The LoRA adapter reproduces its deltas with a mean relative error of %.1f%% (max %.1f%%, above %.0f%%): "
+            "raise max_rank or energy for a closer adapter.", 100 * report.mean_relative_error,
+            100 * report.max_relative_error, 100 * ADAPTER_ERROR_WARNING,
+        )  # fmt: skip
+
+
 def _factor_keys(module: str, layout: LoraLayout) -> tuple[str, str]:
     if layout == "embedding":
         return f"{PEFT_KEY_PREFIX}{module}.lora_embedding_A", f"{PEFT_KEY_PREFIX}{module}.lora_embedding_B"
@@ -474,7 +496,7 @@ def write_lora_adapter(
                     "weights out of the deltas (keep them in a dense checkpoint), or pass non_lora='skip' to drop them."
                 )
             report.skipped[key] = f"not LoRA-able: {reason}; ||delta||_F = {float(delta.float().norm()):.4g}"
-            logger.warning("Not written to the LoRA adapter: '%s' (%s).", key, report.skipped[key])
+            logger.debug("Not written to the LoRA adapter: '%s' (%s).", key, report.skipped[key])
             continue
         delta = delta.detach().float()
         norm = float(delta.norm())
@@ -525,8 +547,9 @@ def write_lora_adapter(
     config.save_pretrained(str(output))
     save_tensors(output / ADAPTER_SAFE_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     report.adapter_config = json.loads((output / ADAPTER_CONFIG_NAME).read_text())
+    _warn(report)
     summary = report.summary()
-    logger.info(
+    logger.debug(
         "Wrote a LoRA adapter with %d modules (rank %d-%d) to '%s'; relative error mean %.3g, max %.3g; %d skipped.",
         summary["modules"],
         summary["rank_min"],
@@ -540,6 +563,7 @@ def write_lora_adapter(
 
 
 __all__ = [
+    "ADAPTER_ERROR_WARNING",
     "LoraLayout",
     "AdapterWriteReport",
     "ModuleWriteReport",

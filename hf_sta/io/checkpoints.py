@@ -66,6 +66,7 @@ HUB_ALLOW_PATTERNS = [
     "*.txt",
     "*.model",
     "*.jinja",
+    "*.py",  # custom code named by a config's auto_map (run only with trust_remote_code)
 ]
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -220,6 +221,53 @@ def _read_into(handle, start: int, end: int, out: torch.Tensor, key: str) -> Non
         elements.copy_(elements.flip(-1))
 
 
+# The safetensors format caps the JSON header at 100 MB; a larger length is a corrupt or hostile file.
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+def _read_safetensors_header(file: Path) -> tuple[int, dict]:
+    """``(header length, header)`` of a safetensors file, the length checked against the format's cap and the file's
+    size before anything is allocated for it."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"'{file}' is not a safetensors file: it has {size} bytes, fewer than 8.")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(
+                    f"'{file}' is not a valid safetensors file: its header length field says {header_len} bytes, "
+                    f"but the file has {size} bytes (and headers are at most {MAX_HEADER_BYTES})."
+                )
+            header = json.loads(handle.read(header_len))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"'{file}' is not a readable safetensors file: {err}") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"'{file}' is not a valid safetensors file: its header is not a JSON object.")
+    return header_len, header
+
+
+def _tensor_entry(file: Path, key: str, info: object) -> tuple[tuple[int, ...], torch.dtype, int, int]:
+    """``(shape, dtype, begin, end)`` of one header entry, checked for consistency."""
+    try:
+        dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]  # type: ignore[index]
+        valid = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)) and begin <= end
+    except (TypeError, KeyError, ValueError):
+        valid = False
+    if not valid:
+        raise CheckpointError(f"Tensor '{key}' in '{file}' has a malformed header entry: {info!r:.200}.")
+    if dtype_name not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"Tensor '{key}' in '{file}' has unsupported dtype {dtype_name}.")
+    dtype = _SAFETENSORS_DTYPES[dtype_name]
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise CheckpointError(
+            f"Tensor '{key}' in '{file}' spans {end - begin} bytes, but shape {list(shape)} of {dtype_name} needs "
+            f"{math.prod(shape) * dtype.itemsize}."
+        )
+    return shape, dtype, begin, end
+
+
 class StateDictSource:
     """A :class:`TensorSource` over an in-memory state dict (tests, ``nn.Module`` users)."""
 
@@ -253,6 +301,19 @@ class StateDictSource:
 
     def close(self) -> None:
         pass
+
+
+def _inside(folder: Path, name: object, index_path: Path) -> Path:
+    """The shard ``name`` of an index, which must be a file name inside ``folder`` (an index is data from the
+    checkpoint's author: ``../elsewhere/model.safetensors`` or an absolute path would read files outside it)."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"The shard index '{index_path}' names a shard {name!r}, which is not a file name.")
+    path = folder / name
+    if Path(name).is_absolute() or not _contains(_resolved(folder), _resolved(path)):
+        raise CheckpointError(
+            f"The shard index '{index_path}' names shard '{name}', which is outside the checkpoint folder '{folder}'."
+        )
+    return path
 
 
 class CheckpointReader:
@@ -309,7 +370,9 @@ class CheckpointReader:
                     weight_map = json.loads(index_path.read_text())["weight_map"]
                 except (OSError, json.JSONDecodeError, KeyError) as err:
                     raise CheckpointError(f"Cannot read the shard index '{index_path}': {err}") from err
-                files = sorted({folder / f for f in weight_map.values()})
+                if not isinstance(weight_map, dict):
+                    raise CheckpointError(f"The shard index '{index_path}' has no weight_map mapping.")
+                files = sorted({_inside(folder, f, index_path) for f in weight_map.values()})
                 missing = [str(f) for f in files if not f.is_file()]
                 if missing:
                     raise CheckpointError(f"Shard(s) listed in '{index_path}' are missing: {', '.join(missing)}")
@@ -335,24 +398,17 @@ class CheckpointReader:
                     self._key_to_file[key] = file
                     self._meta[key] = (tuple(tensor.shape), tensor.dtype)
                 continue
-            try:
-                with open(file, "rb") as handle:
-                    (header_len,) = struct.unpack("<Q", handle.read(8))
-                    header = json.loads(handle.read(header_len))
-            except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise CheckpointError(f"'{file}' is not a readable safetensors file: {err}") from err
+            header_len, header = _read_safetensors_header(file)
+            size = file.stat().st_size
             for key, info in header.items():
                 if key == "__metadata__":
                     self.metadata.update(info or {})
                     continue
-                if info["dtype"] not in _SAFETENSORS_DTYPES:
-                    raise CheckpointError(f"Tensor '{key}' in '{file}' has unsupported dtype {info['dtype']}.")
-                shape, dtype = tuple(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]]
-                begin, end = info["data_offsets"]
-                if end - begin != math.prod(shape) * dtype.itemsize:
+                shape, dtype, begin, end = _tensor_entry(file, key, info)
+                if 8 + header_len + end > size:
                     raise CheckpointError(
-                        f"Tensor '{key}' in '{file}' spans {end - begin} bytes, but shape {list(shape)} of "
-                        f"{info['dtype']} needs {math.prod(shape) * dtype.itemsize}."
+                        f"'{file}' is truncated: tensor '{key}' needs bytes up to {8 + header_len + end}, but the "
+                        f"file has {size} bytes."
                     )
                 self._key_to_file[key] = file
                 self._meta[key] = (shape, dtype)
@@ -362,8 +418,11 @@ class CheckpointReader:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # pickle errors come in many types
+            found = re.search(r"(?:unsupported|Unsupported) (?:GLOBAL|global):? [^\s.]+(?:\.[^\s.]+)*", str(err))
+            detail = found.group(0) if found else " ".join(str(err).split())[:300]
             raise CheckpointError(
-                f"Cannot load '{file}' with torch.load(weights_only=True) (arbitrary pickles are refused): {err}"
+                f"Cannot load '{file}' with torch.load(weights_only=True): it is not a plain state dict of tensors "
+                f"({detail}); arbitrary pickles are refused (convert it to safetensors where you trust it)."
             ) from err
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"'{file}' does not hold a flat state dict of tensors.")
@@ -947,12 +1006,32 @@ class atomic_file_path:  # noqa: N801 - used like a function: ``with atomic_file
                 self.tmp.unlink()
 
 
+def custom_code_files(folder: Path) -> list[Path]:
+    """The Python files of a checkpoint with custom code: when its ``config.json`` or ``tokenizer_config.json`` has an
+    ``auto_map``, every top-level ``*.py`` file of ``folder`` (the modules it names and the local modules they import,
+    as ``save_pretrained`` of a custom model writes them); else none."""
+    for name in (CONFIG_NAME, "tokenizer_config.json"):
+        path = folder / name
+        try:
+            has_auto_map = path.is_file() and bool(json.loads(path.read_text()).get("auto_map"))
+        except (OSError, json.JSONDecodeError, AttributeError):
+            has_auto_map = False
+        if has_auto_map:
+            return sorted(p for p in folder.glob("*.py") if p.is_file())
+    return []
+
+
 def copy_aux_files(source_folder: Path | None, destination: Path, *, skip: Iterable[str] = ()) -> list[str]:
-    """Copy config, generation config and tokenizer files from ``source_folder`` to ``destination``."""
+    """Copy config, generation config and tokenizer files from ``source_folder`` to ``destination``, and the Python
+    files of custom code (:func:`custom_code_files`) so that a config's ``auto_map`` still resolves."""
     if source_folder is None or not source_folder.is_dir():
         return []
     copied = []
     skipped = set(skip)
+    for file in custom_code_files(source_folder):
+        if file.name not in skipped and not (destination / file.name).exists():
+            shutil.copy2(file, destination / file.name)
+            copied.append(file.name)
     for pattern in AUX_FILE_PATTERNS:
         for file in sorted(source_folder.glob(pattern)):
             if file.is_file() and file.name not in skipped and not (destination / file.name).exists():

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["PIPELINE_WORKERS", "BufferPool", "intra_op_threads", "parallel_map"]
+__all__ = ["PIPELINE_WORKERS", "BufferPool", "intra_op_threads", "parallel_map", "torch_threads"]
 
 # Tensors computed at the same time by a streamed merge (each reads its inputs and runs the kernel in its own
 # thread): two keep both cores of a small machine busy while one of them waits on a read.
@@ -126,3 +126,17 @@ def intra_op_threads(workers: int = PIPELINE_WORKERS) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``num_threads`` for the body (restored after); ``None`` changes nothing."""
+    if num_threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

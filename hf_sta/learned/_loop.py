@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import find_batch_size, send_to_device
+from accelerate.utils import send_to_device
 from torch import nn
 
+from ..importance.data import batch_size
 from .functional import DirectionStack, bind_parameters, group_order, merged_parameters
 from .objectives import LossFn
 
@@ -77,13 +78,6 @@ class TaskStream:
         return batch
 
 
-def batch_size(batch: Any) -> int:
-    try:
-        return int(find_batch_size(batch))
-    except (TypeError, ValueError):
-        return 1
-
-
 def get_accelerator(accelerator: Any = None) -> Any:
     if accelerator is None:
         from accelerate import Accelerator
@@ -109,11 +103,9 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 
 def to_device(tensors: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """``{name: tensor or list of tensors}`` on ``device`` (tensors already there are not copied)."""
-    return {
-        name: value.to(device) if isinstance(value, torch.Tensor) else [t.to(device) for t in value]
-        for name, value in tensors.items()
-    }
+    """``{name: tensor or list of tensors}`` on ``device`` (``accelerate.utils.send_to_device``; tensors already
+    there are not copied)."""
+    return send_to_device(dict(tensors), device)
 
 
 def _objective(

@@ -30,7 +30,7 @@ SELECTIONS = ("none", "sta")
 LEARNING_PARAMETERS = (
     Parameter("steps", int, 100, "Optimiser steps (one batch of every task per step).", low=0),
     Parameter("batch_size", int, 16, "Examples per task and step.", low=1),
-    Parameter("num_samples", int, None, "Examples per task used (default: all given).", low=1),
+    Parameter("num_samples", int, None, "Examples per task used.", low=1, default_text="all given"),
     Parameter(
         "granularity",
         str,

@@ -9,6 +9,14 @@ from .task_arithmetic import task_arithmetic
 
 
 @register_merge_method(
+    "linear",
+    pretty_name="Linear (weighted average)",
+    paper_title="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time",
+    paper_url="https://arxiv.org/abs/2203.05482",
+    parameters=(),
+    description="mergekit's name for 'average': delta = sum_t w_t tau_t / sum_t w_t.",
+)
+@register_merge_method(
     "average",
     pretty_name="Weighted Average",
     paper_title="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time",

@@ -81,6 +81,8 @@ class Parameter:
         choices: allowed values, if the parameter is an enumeration.
         low, high: bounds of the allowed interval (``None``: unbounded on that side).
         low_inclusive, high_inclusive: whether the bounds themselves are allowed.
+        default_text: what ``hf-sta methods`` and the model card show as the default when ``default`` is ``None``
+            because the kernel chooses (STA's density: ``"0.7 (merging), 0.2 (forgetting)"``).
     """
 
     name: str
@@ -92,6 +94,14 @@ class Parameter:
     high: float | None = None
     low_inclusive: bool = True
     high_inclusive: bool = True
+    default_text: str | None = None
+
+    @property
+    def shown_default(self) -> str:
+        """The default as users read it: ``default_text``, else the value (``none`` for ``None``)."""
+        if self.default_text is not None:
+            return self.default_text
+        return "none" if self.default is None else str(self.default)
 
     def __post_init__(self) -> None:
         if self.type not in _TYPE_NAMES:

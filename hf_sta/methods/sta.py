@@ -46,16 +46,18 @@ STA_PARAMETERS = (
         None,
         "Keep entries whose normalised importance is >= threshold (used when density is not set).",
         low=0.0,
+        default_text="none (density is used)",
     ),
     Parameter(
         "density",
         float,
         None,
         "Fraction of each task's entries kept, the most important first (wins over threshold; when neither is set, "
-        "DEFAULT_DENSITY).",
+        f"{DEFAULT_DENSITY} for a merge and {DEFAULT_FORGET_DENSITY} for forgetting).",
         low=0.0,
         high=1.0,
         low_inclusive=False,
+        default_text=f"{DEFAULT_DENSITY} (merging), {DEFAULT_FORGET_DENSITY} (forgetting), unless threshold is set",
     ),
     Parameter(
         "density_scope",

@@ -49,6 +49,7 @@ RANK_FRACTION = Parameter(
     low=0.0,
     high=1.0,
     low_inclusive=False,
+    default_text="1 / T (T: the number of merged tasks)",
 )
 
 
