@@ -113,3 +113,21 @@ def load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     for file in sorted(Path(folder).glob("*.safetensors")):
         state.update(load_file(file))
     return state
+
+
+def run_processes(num_processes: int, script: Path, *args: object, timeout: int = 300):
+    """Run ``script`` in ``num_processes`` gloo CPU processes (``torch.distributed.run``, what ``accelerate launch
+    --multi_gpu`` starts; ``accelerate launch --num_processes 2 --cpu`` would start one) on a free port, one torch
+    thread each, with ``ACCELERATE_USE_CPU`` so that accelerate joins them as ``MULTI_CPU``. Returns the completed
+    process; the caller checks ``returncode`` (``stderr`` holds the failure)."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
+               "--master_port", port, str(script), *map(str, args)]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=root, env=environment)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from torch import nn
 
 from hf_sta.errors import CheckpointError
 from hf_sta.importance import ActivationStatistics, ImportanceScores, accumulate_input_grams
+from tests.conftest import run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -249,29 +248,14 @@ def test_load_rejects_other_files(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_grams(tmp_path):
-    """`accelerate launch --num_processes 2 --cpu`: each process takes its share; the reduced sums equal one process'."""
+    """2 gloo processes each take their share (the script checks the world size); the reduced sums equal one
+    process's."""
     script = _script()
     expected, layouts, num_tokens, num_samples = accumulate_input_grams(
         script.build_model(), script.build_loader(), progress=False
     )
     out = tmp_path / "grams-2.safetensors"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(ROOT / "tests" / "scripts" / "distributed_grams.py"),
-        str(out),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = run_processes(2, ROOT / "tests" / "scripts" / "distributed_grams.py", out, 2)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = ActivationStatistics.load(out)
     assert loaded.layouts == layouts

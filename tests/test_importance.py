@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from safetensors.torch import load_file
 
 from hf_sta import STAMerger
 from hf_sta.errors import CheckpointError, ConfigError
+from tests.conftest import run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,30 +208,13 @@ def test_sta_merge_without_importance_says_how(bert_checkpoints):
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_importance(tmp_path, bert_checkpoints):
-    """`accelerate launch --num_processes 2 --cpu` splits the data; the reduced scores equal one process's."""
+    """2 gloo processes split the data (the script checks the world size); the reduced scores equal one process's."""
     script = ROOT / "tests" / "scripts" / "distributed_importance.py"
     outputs = {}
     for processes in (1, 2):
         out = tmp_path / f"importance-{processes}.safetensors"
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            str(processes),
-            "--cpu",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(script),
-            str(bert_checkpoints.base),
-            str(bert_checkpoints.finetuned["news"]),
-            str(out),
-        ]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        finetuned = bert_checkpoints.finetuned["news"]
+        result = run_processes(processes, script, bert_checkpoints.base, finetuned, out, processes)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[processes] = load_file(out)
     assert set(outputs[1]) == set(outputs[2])

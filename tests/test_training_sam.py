@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -16,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 from hf_sta import MergeConfig
 from hf_sta.callback import STAMergeCallback
 from hf_sta.training import SAM, FinetuneConfig, SAMTrainer, finetune, make_optimizer, sam_perturbation
-from tests.conftest import load_state_dict, tiny_bert_config
+from tests.conftest import load_state_dict, run_processes, tiny_bert_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -334,12 +331,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     outputs = {}
     for processes in (1, 2):
         out = tmp_path / f"params-{processes}.safetensors"
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", _free_port(),
-            str(ROOT / "tests" / "scripts" / "sam_distributed.py"), str(out), str(4 // processes),
-        ]  # fmt: skip
-        environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, env=environment)
+        result = run_processes(processes, ROOT / "tests" / "scripts" / "sam_distributed.py", out, 4 // processes)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[processes] = _load(out)
     start = _tiny_classifier().state_dict()
@@ -349,14 +341,6 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
         if key in expected:
             torch.testing.assert_close(value, expected[key], rtol=1e-4, atol=1e-6, msg=key)
     assert any(not torch.equal(outputs[1][k], start[k]) for k in outputs[1])
-
-
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Run by tests/test_activations.py under `accelerate launch`: input Gram matrices of a tiny BERT, saved by rank 0."""
+"""Run by tests/test_activations.py in N processes (`torch.distributed.run`): input Gram matrices of a tiny BERT, saved by rank 0."""
 
 import sys
 
@@ -34,8 +34,9 @@ def build_loader(batch_size: int = 2) -> DataLoader:
     return DataLoader(rows, batch_size=batch_size, shuffle=False)
 
 
-def main(output: str) -> None:
+def main(output: str, num_processes: str) -> None:
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(even_batches=False))
+    assert accelerator.num_processes == int(num_processes), (accelerator.num_processes, num_processes)
     loader = accelerator.prepare_data_loader(build_loader())
     grams, layouts, num_tokens, num_samples = accumulate_input_grams(
         build_model(), loader, accelerator=accelerator, progress=False
@@ -47,4 +48,4 @@ def main(output: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
