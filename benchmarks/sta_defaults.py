@@ -45,7 +45,7 @@ logger = logging.getLogger("sta_defaults")
 STA_CELLS: list[tuple[str, float]] = [("elect", d) for d in (0.2, 0.4, 0.7, 0.9)] + [
     ("sum", d) for d in (0.1, 0.2, 0.5)
 ]
-SCALINGS: tuple[float, ...] = (0.5, 0.7, 1.0, 1.3)
+SCALINGS: tuple[float, ...] = (0.5, 0.7, 1.0, 1.3, 1.6)
 TA_SCALINGS: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
 TIES_DENSITY = 0.2
 CURRENT_DEFAULT = ("elect", 0.7, 1.0)
@@ -210,6 +210,21 @@ def print_tables(result: Mapping[str, Any]) -> None:
             params = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{v}" for k, v in row["params"].items())
             cells.append(f"{row['test']:.3f} ({params})")
         print(f"| {key} | " + " | ".join(cells) + " |")
+    print("\n| suite | task | kept share of ||tau||^2 | ... after election | STA density |")
+    print("|---|---|---|---|---|")
+    for name, suite in result["suites"].items():
+        for density, stats in suite["selection"].items():
+            for task in suite["tasks"]:
+                print(f"| {name} | {task} | {stats['kept_energy'][task]:.3f} | {stats['elected_energy'][task]:.3f} | "
+                      f"{density} |")  # fmt: skip
+    print("\n| suite | mask Jaccard (mean over pairs) | independent masks | ||delta|| STA default / TA tuned |")
+    print("|---|---|---|---|")
+    for name, suite in result["suites"].items():
+        rows = suite["rows"]
+        for density, stats in suite["selection"].items():
+            ratio = rows["sta_current_default"]["delta_norm"] / rows["task_arithmetic_tuned"]["delta_norm"]
+            print(f"| {name} (density {density}) | {stats['jaccard_mean']:.3f} | {stats['jaccard_independent']:.3f} | "
+                  f"{ratio:.2f} |")  # fmt: skip
 
 
 def plot(result: Mapping[str, Any], path: Path) -> None:
