@@ -139,7 +139,7 @@ class TaskSuite:
             return
         data = None if metric == "magnitude" else self.calibration(task, num_samples)
         merger.compute_importance(task, data, metric=metric, num_samples=num_samples, show_progress=self.show_progress)
-        merger.save_importance(task, path)
+        merger.save_importance(task, path, overwrite=True)  # another run may have saved the same scores meanwhile
 
     def chance(self, task: str) -> float:
         return chance_level(task, train_size=self.train_size)

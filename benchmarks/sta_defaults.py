@@ -45,7 +45,7 @@ logger = logging.getLogger("sta_defaults")
 STA_CELLS: list[tuple[str, float]] = [("elect", d) for d in (0.2, 0.4, 0.7, 0.9)] + [
     ("sum", d) for d in (0.1, 0.2, 0.5)
 ]
-SCALINGS: tuple[float, ...] = (0.5, 0.7, 1.0, 1.3, 1.6)
+SCALINGS: tuple[float, ...] = (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
 TA_SCALINGS: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
 TIES_DENSITY = 0.2
 CURRENT_DEFAULT = ("elect", 0.7, 1.0)

@@ -143,7 +143,7 @@ class SuiteScores:
 
     workload: Workload
     time_auto: bool = True
-    """Also time the merge at the chosen values and a one-point search (``auto``'s cost in calibration passes)."""
+    """For ``scaling="auto"``, also time the merge at the chosen value and a one-point search (its cost in passes)."""
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     _deltas: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     _body: torch.nn.Module | None = None
@@ -229,7 +229,7 @@ class SuiteScores:
             chosen = dict(record["chosen"])
             fixed = {**params, **{k: v for k, v in chosen.items() if k != "scaling"}}
             row = {"chosen": chosen, "record": record, "seconds": seconds}
-            if self.time_auto:
+            if self.time_auto and list(searched) == ["scaling"]:
                 row.update(self._auto_cost(method, fixed, chosen["scaling"], seconds, record["calibration_passes"]))
             for split in ("validation", "test"):
                 scores = self.workload.evaluate(body, split)
