@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -150,16 +151,28 @@ class SuiteScores:
     _base: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Add the rows another run saved meanwhile (two runs may fill one cache, e.g. baselines beside STA)."""
         path = self.workload.cache
         saved = json.loads(path.read_text()) if path.is_file() else {}
         if saved.get("protocol") == json.loads(json.dumps(self.workload.protocol, default=str)):
-            self.rows = saved["rows"]
+            self.rows = {**saved["rows"], **self.rows}
+
+    def _cached(self, key: str) -> bool:
+        if key not in self.rows:
+            self._refresh()
+        return key in self.rows
 
     def _save(self) -> None:
+        self._refresh()
         path = self.workload.cache
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"protocol": self.workload.protocol, "rows": self.rows}
-        path.write_text(json.dumps(payload, default=str) + "\n")
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(payload, default=str) + "\n")
+        temporary.replace(path)
 
     def delta(self, method: str, params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The merged delta at scaling 1 (the last :data:`KEPT_DELTAS` are kept: a MiniLM delta is 90 MB)."""
@@ -184,7 +197,7 @@ class SuiteScores:
     def score(self, method: str, params: Mapping[str, Any], scaling: float, split: str) -> dict[str, Any]:
         """``{"scores": {task: accuracy}, "normalized": ..., "delta_norm": ||scaling * delta||}`` (cached)."""
         key = cell_key(method, params, scaling, split)
-        if key not in self.rows:
+        if not self._cached(key):
             delta = self.delta(method, params)
             scores = self.workload.evaluate(self.body(delta, scaling), split)
             norm = scaling * float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())))
@@ -220,7 +233,7 @@ class SuiteScores:
         """``method`` with ``searched`` (``scaling``/``density``) set to ``"auto"`` on the calibration data, scored on
         validation and test, with the search record, its wall time and that of the same merge at fixed values."""
         key = cell_key(method, {**params, **dict.fromkeys(searched, "auto")}, "auto", "auto")
-        if key not in self.rows:
+        if not self._cached(key):
             merger, extra = self.workload.merger, dict.fromkeys(searched, "auto")
             started = time.perf_counter()
             body = merger.merge(method=method, data=self.workload.calibration, **params, **extra)
