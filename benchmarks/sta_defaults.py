@@ -42,10 +42,8 @@ from benchmarks.suites import SUITES
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("sta_defaults")
 
-STA_CELLS: list[tuple[str, float]] = [("elect", d) for d in (0.2, 0.4, 0.7, 0.9)] + [
-    ("sum", d) for d in (0.1, 0.2, 0.5)
-]
-SCALINGS: tuple[float, ...] = (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
+STA_CELLS: list[tuple[str, float]] = [("elect", d) for d in (0.2, 0.4, 0.7)] + [("sum", d) for d in (0.1, 0.2)]
+SCALINGS: tuple[float, ...] = (0.7, 1.0, 1.3, 1.6, 2.0)
 TA_SCALINGS: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
 TIES_DENSITY = 0.2
 CURRENT_DEFAULT = ("elect", 0.7, 1.0)
@@ -61,18 +59,19 @@ def sta_cells(grid: Mapping[str, Any]) -> list[Cell]:
     return [(o, d, s) for o, d in grid["sta_cells"] for s in grid["scalings"]]
 
 
-def validation_grid(scores: SuiteScores, grid: Mapping[str, Any]) -> dict[str, Any]:
-    """Normalised validation scores of every STA cell and of the baselines' grids (scaling innermost)."""
-    sta = {}
-    for overlap, density in grid["sta_cells"]:
-        for scaling in grid["scalings"]:
-            row = scores.score("sta", {"overlap": overlap, "density": density}, scaling, "validation")
-            sta[(overlap, density, scaling)] = row["normalized"]
-    ta = {s: scores.score("task_arithmetic", {}, s, "validation")["normalized"] for s in grid["ta_scalings"]}
-    ties = {
-        s: scores.score("ties", {"density": TIES_DENSITY}, s, "validation")["normalized"] for s in grid["scalings"]
-    }
-    return {"sta": sta, "task_arithmetic": ta, "ties": ties}
+def validation_grid(scores: SuiteScores, grid: Mapping[str, Any], reverse: bool = False) -> dict[str, Any]:
+    """Normalised validation scores of every STA cell and of the baselines' grids (scaling innermost; ``reverse``
+    scores them last to first, for a second run filling the same cache)."""
+    jobs = [("sta", {"overlap": o, "density": d}, s) for o, d, s in sta_cells(grid)]
+    jobs += [("task_arithmetic", {}, s) for s in grid["ta_scalings"]]
+    jobs += [("ties", {"density": TIES_DENSITY}, s) for s in grid["scalings"]]
+    for method, params, scaling in reversed(jobs) if reverse else jobs:
+        scores.score(method, params, scaling, "validation")
+    result: dict[str, dict] = {"sta": {}, "task_arithmetic": {}, "ties": {}}
+    for method, params, scaling in jobs:  # all cached now
+        key = (params["overlap"], params["density"], scaling) if method == "sta" else scaling
+        result[method][key] = scores.score(method, params, scaling, "validation")["normalized"]
+    return result
 
 
 def worst_case_choice(validation: Mapping[str, Mapping[Cell, float]], suites: Sequence[str]) -> tuple[Cell, float]:
@@ -148,7 +147,8 @@ def report_suite(scores: SuiteScores, grid: Mapping[str, Any], fold: Mapping[str
     }
     merger, tasks = scores.workload.merger, scores.workload.tasks
     selection = {str(d): selection_stats(merger, tasks, d) for d in sorted({density, CURRENT_DEFAULT[1]})}
-    return {"tasks": tasks, "rows": rows, "selection": selection, "individual": scores.workload.individual}
+    individual = {split: scores.reference(split) for split in ("validation", "test")}
+    return {"tasks": tasks, "rows": rows, "selection": selection, "individual": individual}
 
 
 def targets(suites: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -168,12 +168,18 @@ def targets(suites: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]
     return out
 
 
-def run(workloads: Mapping[str, Workload], grid: Mapping[str, Any], time_auto: bool = True) -> dict[str, Any]:
+def run(
+    workloads: Mapping[str, Workload], grid: Mapping[str, Any], time_auto: bool = True, reverse: bool = False
+) -> dict[str, Any]:
     scores = {name: SuiteScores(workload, time_auto) for name, workload in workloads.items()}
+    order = list(reversed(scores)) if reverse else list(scores)
+    for name in order:
+        validation_grid(scores[name], grid, reverse)
     validation = {name: validation_grid(s, grid)["sta"] for name, s in scores.items()}
     folds = leave_one_out(validation)
     final, final_worst = worst_case_choice(validation, list(validation))
-    suites = {name: report_suite(scores[name], grid, folds[name], final) for name in scores}
+    reports = {name: report_suite(scores[name], grid, folds[name], final) for name in order}
+    suites = {name: reports[name] for name in scores}
     return {
         "grid": {
             "sta": [_cell_dict(c) for c in sta_cells(grid)],
@@ -272,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", type=Path, default=RESULTS / "sta_defaults.json")
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--validation-only", action="store_true", help="only score the validation grids (cached)")
+    parser.add_argument("--reverse", action="store_true", help="work last to first (a second run on the same cache)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.num_threads)
@@ -287,8 +294,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         workloads = {s: real_workload(s, SUITES[s], CALIBRATION_SAMPLES, cache) for s in args.suites}
         grid = {"sta_cells": STA_CELLS, "scalings": SCALINGS, "ta_scalings": TA_SCALINGS}
     if args.validation_only:  # fill the per-suite caches (e.g. while another suite's fine-tunes are still running)
-        return {name: validation_grid(SuiteScores(w), grid) for name, w in workloads.items()}
-    result = run(workloads, grid, time_auto=not args.tiny)
+        return {name: validation_grid(SuiteScores(w), grid, args.reverse) for name, w in workloads.items()}
+    result = run(workloads, grid, time_auto=not args.tiny, reverse=args.reverse)
     result["environment"] = {"threads": args.num_threads, "load_avg": os.getloadavg(), "torch": torch.__version__,
                              "seconds": time.perf_counter() - started}  # fmt: skip
     print_tables(result)
