@@ -146,7 +146,7 @@ def report_suite(scores: SuiteScores, grid: Mapping[str, Any], fold: Mapping[str
         "sta_auto_density": _auto_row(scores, "sta", {"overlap": overlap}, ["scaling", "density"]),
     }
     merger, tasks = scores.workload.merger, scores.workload.tasks
-    selection = {str(d): selection_stats(merger, tasks, d) for d in sorted({density, CURRENT_DEFAULT[1]})}
+    selection = {str(d): selection_stats(merger, tasks, d) for d in sorted({0.2, density, CURRENT_DEFAULT[1]})}
     individual = {split: scores.reference(split) for split in ("validation", "test")}
     return {"tasks": tasks, "rows": rows, "selection": selection, "individual": individual}
 
@@ -180,6 +180,7 @@ def run(
     final, final_worst = worst_case_choice(validation, list(validation))
     reports = {name: report_suite(scores[name], grid, folds[name], final) for name in order}
     suites = {name: reports[name] for name in scores}
+    points = {name: validation_points(s, grid) for name, s in scores.items()}
     return {
         "grid": {
             "sta": [_cell_dict(c) for c in sta_cells(grid)],
@@ -193,6 +194,8 @@ def run(
         "final": {**_cell_dict(final), "worst_validation": final_worst},
         "current_default": _cell_dict(CURRENT_DEFAULT),
         "suites": suites,
+        "points": points,
+        "selection": {name: suite["selection"] for name, suite in suites.items()},
         "targets": targets(suites),
         "protocol": {n: w.protocol for n, w in workloads.items()},
     }
@@ -233,40 +236,73 @@ def print_tables(result: Mapping[str, Any]) -> None:
                   f"{ratio:.2f} |")  # fmt: skip
 
 
+def validation_points(scores: SuiteScores, grid: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every scored validation cell of one suite with its merged delta's norm ``||scaling * delta||``."""
+    jobs = [("sta", {"overlap": o, "density": d}, s) for o, d, s in sta_cells(grid)]
+    jobs += [("task_arithmetic", {}, s) for s in grid["ta_scalings"]]
+    jobs += [("ties", {"density": TIES_DENSITY}, s) for s in grid["scalings"]]
+    points = []
+    for method, params, scaling in jobs:
+        row = scores.score(method, params, scaling, "validation")
+        points.append({"method": method, **params, "scaling": scaling, "normalized": row["normalized"],
+                       "delta_norm": row["delta_norm"]})  # fmt: skip
+    return points
+
+
 def plot(result: Mapping[str, Any], path: Path) -> None:
-    """Left: per task, the share of its task vector STA keeps (mask) and that survives the election, at the current
-    default density. Right: normalised test accuracy against the merged delta's norm per suite and method."""
+    """Left: per task, the share of its task vector STA keeps (mask) and that survives the sign election, at
+    densities 0.2 and 0.7. Then, per suite: normalised validation accuracy against the merged delta's norm for every
+    STA cell (one line per overlap/density, scaling growing along it), task arithmetic and TIES."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-    labels, kept, elected = [], [], []
-    for name, suite in result["suites"].items():
-        stats = suite["selection"][str(CURRENT_DEFAULT[1])]
-        for task in suite["tasks"]:
-            labels.append(f"{name}: {task}")
-            kept.append(stats["kept_energy"][task])
-            elected.append(stats["elected_energy"][task])
-    positions = range(len(labels))
-    left.barh([p + 0.2 for p in positions], kept, height=0.4, label="kept by the mask")
-    left.barh([p - 0.2 for p in positions], elected, height=0.4, label="... and agreeing with the elected sign")
-    left.set_yticks(list(positions), labels, fontsize=7)
-    left.set_xlabel(f"share of ||tau_t||^2, STA density {CURRENT_DEFAULT[1]:g}")
-    left.legend(fontsize=7, loc="lower right")
-    markers = {"task_arithmetic_tuned": "o", "ties_tuned": "s", "sta_current_default": "^", "sta_loso": "v"}
+    names = list(result["points"])
+    figure, axes = plt.subplots(1, 1 + len(names), figsize=(5 + 4 * len(names), 4.8))
+    left = axes[0]
+    labels, bars = [], {}
+    for name, suite in result["selection"].items():
+        tasks = list(next(iter(suite.values()))["kept_energy"])
+        labels += [f"{name}: {task}" for task in tasks]
+        for density, stats in suite.items():
+            bars.setdefault((density, "kept"), []).extend(stats["kept_energy"][t] for t in tasks)
+            bars.setdefault((density, "elected"), []).extend(stats["elected_energy"][t] for t in tasks)
+    height = 0.8 / max(len(bars), 1)
+    for index, ((density, kind), values) in enumerate(sorted(bars.items())):
+        positions = [p - 0.4 + height * (index + 0.5) for p in range(len(labels))]
+        label = f"density {density}: " + (
+            "kept by the mask" if kind == "kept" else "... and agrees with the elected sign"
+        )
+        left.barh(positions, values, height=height, label=label)
+    left.set_yticks(range(len(labels)), labels, fontsize=7)
+    left.set_xlabel("share of each task vector's ||tau_t||^2")
+    left.legend(fontsize=6, loc="lower right")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, (name, suite) in enumerate(result["suites"].items()):
-        for key, marker in markers.items():
-            row = suite["rows"][key]
-            right.scatter(row["delta_norm"], row["test"], marker=marker, color=colours[index % len(colours)],
-                          label=f"{name}: {key}")  # fmt: skip
-    right.set_xlabel("||theta - theta_0|| of the merge")
-    right.set_ylabel("normalised test accuracy")
-    right.legend(fontsize=6, ncol=2)
+    keys = {"task arithmetic", f"TIES {TIES_DENSITY:g}"}
+    keys |= {
+        f"STA {p['overlap']} {p['density']:g}" for ps in result["points"].values() for p in ps if p["method"] == "sta"
+    }
+    for axis, name in zip(axes[1:], names):
+        lines: dict[str, list] = {}
+        for point in result["points"][name]:
+            if point["method"] == "sta":
+                key = f"STA {point['overlap']} {point['density']:g}"
+            else:
+                key = "task arithmetic" if point["method"] == "task_arithmetic" else f"TIES {TIES_DENSITY:g}"
+            lines.setdefault(key, []).append((point["delta_norm"], point["normalized"]))
+        for key, values in lines.items():
+            values.sort()
+            style = "--" if key.startswith(("task", "TIES")) else "-"
+            colour = colours[sorted(keys).index(key) % len(colours)]
+            axis.plot([v[0] for v in values], [v[1] for v in values], style, marker="o", markersize=3, label=key,
+                      color=colour)  # fmt: skip
+        axis.set_title(name)
+        axis.set_xlabel("||theta - theta_0|| (merged delta, all body tensors)")
+        axis.set_ylabel("normalised validation accuracy")
+        axis.legend(fontsize=6)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
