@@ -6,9 +6,9 @@ benchmark of :mod:`benchmarks.tasks`; the two suites below come from different d
 
 | suite | task | source (Debian package) | label ids | pool (balanced) |
 |---|---|---|---|---|
-| ``fortunes`` | ``fortune_topic`` | ``fortunes``: ``/usr/share/games/fortunes/{computers,politics,science,work}`` | 0 computers, 1 politics, 2 science, 3 work | 4 x 580 |
+| ``fortunes`` | ``fortune_topic`` | ``fortunes``: ``/usr/share/games/fortunes/{computers,politics,science,work}`` | 0 computers, 1 politics, 2 science, 3 work | 4 x 625 |
 | ``fortunes`` | ``fortune_language`` | ``fortunes``/``fortunes-min`` (English), ``fortunes-de``, ``fortunes-es``, ``fortunes-it`` | 0 English, 1 German, 2 Spanish, 3 Italian | 4 x 1000 |
-| ``fortunes`` | ``fortune_genre`` | ``fortunes``: ``definitions``, ``people``, ``songs-poems`` | 0 definitions, 1 people, 2 songs-poems | 3 x 680 |
+| ``fortunes`` | ``fortune_genre`` | ``fortunes``: ``definitions``, ``people``, ``songs-poems`` | 0 definitions, 1 people, 2 songs-poems | 3 x 715 |
 | ``wordnet`` | ``wordnet_pos`` | ``wordnet-base``: the gloss of every synset of ``data.{noun,verb,adj,adv}`` | 0 noun, 1 verb, 2 adjective, 3 adverb | 4 x 1000 |
 | ``wordnet`` | ``wordnet_noun`` | same, noun glosses by lexicographer file | 0 animal, 1 artifact, 2 food, 3 person, 4 plant | 5 x 1000 |
 | ``wordnet`` | ``wordnet_verb`` | same, verb glosses by lexicographer file | 0 change, 1 communication, 2 contact, 3 motion, 4 social | 5 x 1000 |
