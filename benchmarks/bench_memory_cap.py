@@ -57,18 +57,19 @@ NAIVE_MERGE = (
 )
 
 
-def make_inputs(root: Path, checkpoint_mb: int) -> Path:
-    """Base + 3 fine-tunes of ``checkpoint_mb`` MB each under ``root/<size>`` (reused when complete)."""
+def make_inputs(root: Path, checkpoint_mb: int, tensors: int = TENSORS) -> Path:
+    """Base + 3 fine-tunes of ``checkpoint_mb`` MB each, in ``tensors`` fp32 tensors, under ``root/<size>`` (reused when
+    complete). The merge's working set grows with one tensor's size, its inputs with ``checkpoint_mb``."""
     import torch
     from safetensors.torch import save_file
 
-    folder = root / f"{checkpoint_mb}mb"
+    folder = root / f"{checkpoint_mb}mb" if tensors == TENSORS else root / f"{checkpoint_mb}mb-{tensors}"
     names = ["base", "ft0", "ft1", "ft2"]
     if all((folder / name / "model.safetensors").is_file() for name in names):
         return folder
     generator = torch.Generator().manual_seed(0)
-    numel = checkpoint_mb * 2**20 // 4 // TENSORS
-    base = {f"layers.{i}.weight": torch.randn(numel // 256, 256, generator=generator) for i in range(TENSORS)}
+    numel = checkpoint_mb * 2**20 // 4 // tensors
+    base = {f"layers.{i}.weight": torch.randn(numel // 256, 256, generator=generator) for i in range(tensors)}
     for name in names:
         tensors = base if name == "base" else {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in base.items()}  # fmt: skip
         (folder / name).mkdir(parents=True, exist_ok=True)
@@ -104,16 +105,21 @@ def run_capped(code: str, args: list[str], cap: int | None, how: str) -> dict:
         if (group / "memory.memsw.limit_in_bytes").exists():
             (group / "memory.memsw.limit_in_bytes").write_text(str(cap))
 
-    def enter() -> None:  # in the child, before exec
-        if group is not None:
-            (group / "cgroup.procs").write_text(str(os.getpid()))
-        elif cap:
-            resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+    command = [sys.executable, "-c", code, *args]
+    if group is not None:  # a small shell joins the group, then execs: no fork of this (possibly large) process
+        command = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(group / "cgroup.procs"), *command]
+
+    def enter() -> None:  # in the child, before exec (RLIMIT_DATA only: a cgroup is joined by the shell above)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
 
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
     child = subprocess.Popen(
-        [sys.executable, "-c", code, *args], preexec_fn=enter, env=environment, stderr=subprocess.PIPE, text=True
+        command,
+        preexec_fn=enter if cap and group is None else None,
+        env=environment,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     stderr = child.stderr.read() if child.stderr else ""
     _, status, usage = os.wait4(child.pid, 0)
