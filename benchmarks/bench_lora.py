@@ -140,7 +140,6 @@ def calibration_loader(prompts: Prompts, train: Any, num_samples: int, micro_bat
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     timings: dict[str, float] = {}
@@ -193,47 +192,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         adapters[task] = cached_adapter(task, base, prompts[task], data[task]["train"], hyper, cache)
         lap("adapters")
 
-    rows: dict[str, dict[str, Any]] = {}
-    rows["base"] = {"config": {}, "test": evaluate(load_base(), "test")}
-    logger.info("base: %s", rows["base"]["test"])
-    own = {}
-    for task, folder in adapters.items():
-        own.update(evaluate(PeftModel.from_pretrained(load_base(), folder), "test", [task]))
-    rows["individual"] = {"config": {}, "test": own}
-    logger.info("individual: %s", own)
-    lap("score base and adapters")
-
     merger = STAMerger.from_pretrained(base, adapters=adapters)
-    for task in args.tasks:
-        loader = calibration_loader(prompts[task], data[task]["train"], args.calibration_samples, 4)
-        merger.compute_importance(task, loader, num_samples=args.calibration_samples, show_progress=False)
-    lap("importance")
-
-    def score_merge(split: str, method: str, **config: Any) -> dict[str, float]:
-        return evaluate(merger.merge(method=method, **config), split)
-
-    for method, grid in GRIDS.items():
-        trials = []
-        for config in grid:
-            trials.append({"config": config, "validation": mean(score_merge("validation", method, **config).values())})
-            logger.info("%s %s -> %.4f", method, config, trials[-1]["validation"])
-        best = max(trials, key=lambda trial: trial["validation"])
-        if method == "sta":
-            rows["sta_default"] = {"config": {}, "test": score_merge("test", "sta")}
-            logger.info("sta_default: %s", rows["sta_default"]["test"])
-        rows[method] = {
-            "config": best["config"],
-            "test": score_merge("test", method, **best["config"]),
-            "trials": trials,
-        }
-        logger.info("%s tuned: %s", method, rows[method]["test"])
-        lap(f"tune {method}")
-    for row in rows.values():
-        row["average"] = mean(row["test"].values())
-        row["normalized"] = normalized(row["test"], own)
-
-    forgetting = forget(args, work, merger, rows["sta_default"]["test"], evaluate, load_base, chance)
-    lap("forget")
+    if args.new_methods_only:
+        rows, forgetting = previous_rows(args, hyper)
+    else:
+        rows, forgetting = tuned_rows(args, work, merger, adapters, prompts, data, evaluate, load_base, chance, lap)
+    own = rows["individual"]["test"]
     bench = {
         "merger": merger,
         "tasks": args.tasks,
@@ -273,6 +237,69 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "environment": _environment(torch.get_num_threads()),
         "merger": merger,
     }
+
+
+def tuned_rows(args, work: Path, merger: STAMerger, adapters, prompts, data, evaluate, load_base, chance, lap):
+    """Base, individual adapters, the tuned task arithmetic / TIES / STA rows and the forgetting run."""
+    from peft import PeftModel
+
+    rows: dict[str, dict[str, Any]] = {}
+    rows["base"] = {"config": {}, "test": evaluate(load_base(), "test")}
+    logger.info("base: %s", rows["base"]["test"])
+    own = {}
+    for task, folder in adapters.items():
+        own.update(evaluate(PeftModel.from_pretrained(load_base(), folder), "test", [task]))
+    rows["individual"] = {"config": {}, "test": own}
+    logger.info("individual: %s", own)
+    lap("score base and adapters")
+
+    for task in args.tasks:
+        loader = calibration_loader(prompts[task], data[task]["train"], args.calibration_samples, 4)
+        merger.compute_importance(task, loader, num_samples=args.calibration_samples, show_progress=False)
+    lap("importance")
+
+    def score_merge(split: str, method: str, **config: Any) -> dict[str, float]:
+        return evaluate(merger.merge(method=method, **config), split)
+
+    for method, grid in GRIDS.items():
+        trials = []
+        for config in grid:
+            trials.append({"config": config, "validation": mean(score_merge("validation", method, **config).values())})
+            logger.info("%s %s -> %.4f", method, config, trials[-1]["validation"])
+        best = max(trials, key=lambda trial: trial["validation"])
+        if method == "sta":
+            rows["sta_default"] = {"config": {}, "test": score_merge("test", "sta")}
+            logger.info("sta_default: %s", rows["sta_default"]["test"])
+        rows[method] = {
+            "config": best["config"],
+            "test": score_merge("test", method, **best["config"]),
+            "trials": trials,
+        }
+        logger.info("%s tuned: %s", method, rows[method]["test"])
+        lap(f"tune {method}")
+    for row in rows.values():
+        row["average"] = mean(row["test"].values())
+        row["normalized"] = normalized(row["test"], own)
+
+    forgetting = forget(args, work, merger, rows["sta_default"]["test"], evaluate, load_base, chance)
+    lap("forget")
+    return rows, forgetting
+
+
+def previous_rows(args: argparse.Namespace, hyper: dict[str, Any]) -> tuple[dict, dict]:
+    """The rows and forgetting run of the ``lora.json`` on record (``--new-methods-only``), refused when its adapters
+    or splits were made with other settings than these."""
+    saved = json.loads((RESULTS / "lora.json").read_text())
+    protocol = saved["protocol"]
+    expected = {**hyper, "alpha": 2 * args.rank, "target_modules": TARGET_MODULES}
+    sizes = {k: getattr(args, k) for k in ("validation_size", "test_size", "calibration_samples")}
+    if (
+        saved["tasks"] != args.tasks
+        or protocol["adapter"] != expected
+        or any(protocol[k] != v for k, v in sizes.items())
+    ):
+        raise SystemExit(f"{RESULTS / 'lora.json'} was measured with other settings; run without --new-methods-only")
+    return saved["rows"], saved["forget"]
 
 
 def forget(args, work: Path, merger: STAMerger, merged_scores: dict[str, float], evaluate, load_base, chance) -> dict:
@@ -386,6 +413,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep merged/adapter outputs here (default: temp)")
+    parser.add_argument(
+        "--new-methods-only",
+        action="store_true",
+        help="measure only the issue-13 methods; keep the other rows and the forgetting run of lora.json on record",
+    )
     args = parser.parse_args(argv)
     tiny = args.tiny
     args.tasks = list(args.tasks or (TINY_TASKS if tiny else DEFAULT_TASKS))
