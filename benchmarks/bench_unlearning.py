@@ -36,7 +36,7 @@ from benchmarks import unlearning_tasks as tasks_part
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("bench_unlearning")
 
-FUSED_TASKS = dict(forget_loss="prior", goal_margin=0.02, max_steps=150, eval_steps=10, learning_rate=1e-3,
+FUSED_TASKS = dict(forget_loss="prior", goal_margin=0.02, max_steps=80, eval_steps=10, learning_rate=1e-3,
                    sensitivity_samples=64, batch_size=16)  # fmt: skip
 FUSED_TASKS_TINY = dict(FUSED_TASKS, max_steps=6, eval_steps=2, sensitivity_samples=8, batch_size=8)
 FUSED_FEDERATED = dict(forget_loss="none", max_steps=30, eval_steps=30, learning_rate=1e-3, sensitivity_samples=32,

@@ -207,8 +207,9 @@ def _retrain_rows(federation: Federation, merger: STAMerger, site: str, pooled: 
     settings, full = federation.settings, _full_parameters(federation)
     examples = settings.epochs * sum(len(federation.shards[s]) for s in others)
     model = merger.merge(method="average", tasks=others)  # what the retrained sites ship (training is deterministic)
-    rows = {"retrain (remaining sites)": _row(federation, site, model, sum(federation.train_seconds[s] for s in others),
-                                              trainable=full, examples=examples, reversible="no")}  # fmt: skip
+    seconds = sum(federation.train_seconds[s] for s in others)
+    rows = {"retrain (remaining sites)": _row(federation, site, model, seconds, trainable=full, examples=examples,
+                                              reversible="no")}  # fmt: skip
     if pooled:
         import datasets
 

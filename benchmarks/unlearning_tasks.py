@@ -7,7 +7,7 @@ Per forgotten task ``f`` (the other tasks are the controls), every method edits 
   >= 95% (the previous protocol), and ``closest_to_chance`` by bisection on [0, 4] with controls >= 98%;
 - ``fused``: ``merger.unlearn`` on the merged body (LoRA r=16 / alpha 32 on the ``auto`` layers; retain = the other
   tasks' training rows through their own heads; ``forget_loss="prior"``; early stop once ``f``'s validation accuracy
-  is within ``goal_margin`` of its validation chance);
+  is within ``goal_margin`` of its validation chance, from above or below: ``eval_fn = |accuracy - chance|``);
 - ``remerge``: the STA merge of the other tasks only (what the model would be had it never learned ``f``).
 
 Reported on test: ``f``'s accuracy against chance (majority class), control retention (mean test accuracy of the
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 RULES = {
     "largest_drop": (1.0, 2.0, 3.0),
-    "closest_to_chance": Bisection(low=0.0, high=4.0, steps=7, tolerance=0.01),
+    "closest_to_chance": Bisection(low=0.0, high=4.0, steps=6, tolerance=0.01),
 }
 MIN_CONTROL = {"largest_drop": 0.95, "closest_to_chance": 0.98}
 
@@ -100,8 +100,11 @@ def real_workload(calibration: int = 128, mia_examples: int = 200) -> TaskWorklo
         merger.merge(method="sta", output_dir=merged_dir, overwrite=True)
     tokenizer = AutoTokenizer.from_pretrained(suite.model_dirs[TASKS[0]])
     protocol = {"models": models, "calibration_samples": calibration, "scoring": "bf16 autocast"}
-    return TaskWorkload(list(TASKS), merger, merged_dir, suite.data, suite.heads, Scorer(tokenizer, 128),
-                        protocol, Path(__file__).parent / "results" / "unlearning" / "tasks", mia_examples)  # fmt: skip
+    cache = Path(__file__).parent / "results" / "unlearning" / "tasks"
+    scorer = Scorer(tokenizer, 128)
+    return TaskWorkload(
+        list(TASKS), merger, merged_dir, suite.data, suite.heads, scorer, protocol, cache, mia_examples
+    )
 
 
 def tiny_workload(work: Path, tasks: list[str]) -> TaskWorkload:
@@ -155,9 +158,10 @@ def edit_rows(work: TaskWorkload, task: str, before: dict[str, float]) -> dict[s
                                  MIN_CONTROL[rule], rule=rule, chance=chance)  # fmt: skip
             scaling = curve.best_scaling
             body = work.merger.forget(task, scaling=scaling or 0.0, method=method, target=work.merged_dir)
+            curve_record = {"baseline": curve.baseline, "points": curve.points, "validation_chance": chance}
             rows[f"{method} / {rule}"] = _row(
                 work, task, body, before, time.perf_counter() - started, scaling=scaling,
-                new_evaluations=len(seen) - evaluated, curve={"baseline": curve.baseline, "points": curve.points, "validation_chance": chance},
+                new_evaluations=len(seen) - evaluated, curve=curve_record,
             )  # fmt: skip
             logger.info("%s: %s / %s -> x%s, %s", task, method, rule, scaling, rows[f"{method} / {rule}"]["target"])
     return rows
@@ -176,8 +180,8 @@ def fused_row(work: TaskWorkload, task: str, before: dict[str, float], settings:
         merged, {task: work.data[task]["train"]}, {t: work.data[t]["train"] for t in others},
         loss_fn={t: head_loss(work.heads[t]) for t in work.tasks},
         predict_fn={t: head_predict(work.heads[t]) for t in work.tasks},
-        eval_fn=lambda body: work.evaluate(body, "validation", [task])[task],
-        goal=chance + settings.pop("goal_margin"), tokenizer=work.scorer.tokenizer,
+        eval_fn=lambda body: abs(work.evaluate(body, "validation", [task])[task] - chance),
+        goal=settings.pop("goal_margin"), tokenizer=work.scorer.tokenizer,
         max_length=work.scorer.max_length, show_progress=False, **settings,
     )  # fmt: skip
     seconds = time.perf_counter() - started
