@@ -268,3 +268,22 @@ def test_membership_attack_against_brute_force():
     same = torch.ones(10)
     assert membership_auc(same, same) == 0.5 and membership_attack_accuracy(same, same) == 0.5
     assert membership_auc(torch.zeros(3), torch.ones(4)) == 1.0  # every member has the lower loss
+
+
+@pytest.mark.parametrize("forget_loss", ["uniform", "ascent"])
+def test_dataloader_inputs_and_forget_losses(merger, classifier, forget_loss):
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    def loader(rows):
+        return DataLoader(rows.rename_column("label", "labels"), batch_size=8, collate_fn=default_data_collator)
+
+    target = _fresh(classifier)
+    logits_before = _logits(target, FORGET)
+    model = merger.unlearn(target, loader(FORGET), {"a": loader(RETAIN)}, layers=[0], forget_loss=forget_loss,
+                           learning_rate=0.05, **QUICK)  # fmt: skip
+    record = merger.last_unlearning
+    assert record["steps"] == 4 and record["examples_touched"]["forget_training"] == 24  # 4 batches of 8, 24 rows
+    assert not torch.equal(_logits(model, FORGET), logits_before)
+    with pytest.raises(ConfigError, match="retain data 'a' example 0 is also in the forget data"):
+        merger.unlearn(_fresh(classifier), loader(FORGET), {"a": loader(FORGET)}, **QUICK)
