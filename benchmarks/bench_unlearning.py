@@ -87,9 +87,10 @@ def run_federated(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     federation = federated.build_federation(root, settings, sizes["shard"], sizes["test"], sizes["calibration"])
     fused = FUSED_FEDERATED_TINY if args.tiny else FUSED_FEDERATED
     cache = None if args.tiny else RESULTS / "unlearning" / "federated"
+    variants = {"fused, whole remaining shards": (fused, None)}  # ablation: retain = every row of the other sites
     results = [
         federated.forget_site(federation, site, work / "merges", fused=dict(fused), calibration=sizes["calibration"],
-                              pooled=True, cache=cache, protocol=protocol)
+                              pooled=True, cache=cache, protocol=protocol, variants=variants)
         for site in args.sites or federation.sites
     ]  # fmt: skip
     check = federated.determinism_check(federation, federation.sites[-1], federation.scorer.tokenizer)

@@ -182,11 +182,16 @@ def _edit_rows(federation: Federation, merger: STAMerger, site: str, merged: Pat
     return rows
 
 
-def _fused_row(federation: Federation, merger: STAMerger, site: str, merged: Path, fused: dict, calibration: int):
+def _fused_row(
+    federation: Federation, merger: STAMerger, site: str, merged: Path, fused: dict, calibration: int | None
+):
+    """``merger.unlearn`` on the merged model; retain = the first ``calibration`` rows per other site (None: all)."""
     from transformers import AutoModelForSequenceClassification
 
     others = [s for s in federation.sites if s != site]
-    retain = {s: federation.shards[s].select(range(min(calibration, len(federation.shards[s])))) for s in others}
+    retain = {s: federation.shards[s] for s in others}
+    if calibration is not None:
+        retain = {s: rows.select(range(min(calibration, len(rows)))) for s, rows in retain.items()}
     started = time.perf_counter()
     model = merger.unlearn(merged, federation.shards[site], retain, tokenizer=federation.scorer.tokenizer,
                            max_length=federation.settings.max_length, show_progress=False, **fused)  # fmt: skip
@@ -221,25 +226,54 @@ def _retrain_rows(federation: Federation, merger: STAMerger, site: str, pooled: 
 
 
 def forget_site(federation: Federation, site: str, work: Path, *, fused: dict, calibration: int, pooled: bool,
-                cache: Path | None, protocol: dict) -> dict[str, Any]:  # fmt: skip
-    """Every method forgetting ``site`` from the average merge; reused from ``cache/<site>.json`` when unchanged."""
+                cache: Path | None, protocol: dict, variants: dict[str, tuple[dict, int | None]] | None = None,
+                ) -> dict[str, Any]:  # fmt: skip
+    """Every method forgetting ``site`` from the average merge; reused from ``cache/<site>.json`` when unchanged.
+
+    ``variants``: ``{row name: (unlearn settings, retain rows per site or None for all)}``, extra FUSED rows (an
+    ablation) computed and added to a cached result without recomputing the rest."""
     protocol = {**protocol, "site": site, "fused": fused, "calibration": calibration, "pooled": pooled}
     path = cache / f"{site}.json" if cache else None
+    result = None
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
         if saved["protocol"] == json.loads(json.dumps(protocol, default=str)):
             logger.info("reusing %s", path)
-            return saved
+            result = saved
     merger = STAMerger.from_task_vectors(federation.start, federation.vectors, importance=federation.importance)
-    merged = merger.merge(method="average", output_dir=work / "average", overwrite=True)
+    merged = work / "average"
+    if result is None or _missing(result, variants):
+        merged = merger.merge(method="average", output_dir=merged, overwrite=True)
+    if result is None:
+        result = {"protocol": protocol, "site": site, "rows": _main_rows(federation, merger, site, merged, fused,
+                                                                         calibration, pooled),
+                  "sum_merge": sum_merge_exactness(merger, site, work)}  # fmt: skip
+    for name, (settings, retain) in (variants or {}).items():
+        if name in _missing(result, variants):
+            result["rows"][name] = _fused_row(federation, merger, site, merged, dict(settings), retain)
+            result.setdefault("variants", {})[name] = {"settings": settings, "retain_per_site": retain}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+def _missing(result: dict, variants: dict | None) -> list[str]:
+    """Variant rows absent from ``result`` or computed with other settings."""
+    saved = result.get("variants", {})
+    return [
+        name
+        for name, (settings, retain) in (variants or {}).items()
+        if name not in result["rows"]
+        or saved.get(name) != json.loads(json.dumps({"settings": settings, "retain_per_site": retain}))
+    ]
+
+
+def _main_rows(federation, merger, site: str, merged: Path, fused: dict, calibration: int, pooled: bool) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     rows = {"merged (before)": _row(federation, site, AutoModelForSequenceClassification.from_pretrained(merged), 0.0)}
     rows.update(_retrain_rows(federation, merger, site, pooled, federation.scorer.tokenizer))
     rows.update(_edit_rows(federation, merger, site, merged))
-    rows["fused"] = _fused_row(federation, merger, site, merged, fused, calibration)
-    result = {"protocol": protocol, "site": site, "rows": rows, "sum_merge": sum_merge_exactness(merger, site, work)}
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    return result
+    rows["fused"] = _fused_row(federation, merger, site, merged, dict(fused), calibration)
+    return rows
