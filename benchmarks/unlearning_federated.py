@@ -210,7 +210,7 @@ def _fused_row(
 def _retrain_rows(federation: Federation, merger: STAMerger, site: str, pooled: bool, tokenizer) -> dict[str, dict]:
     others = [s for s in federation.sites if s != site]
     settings, full = federation.settings, _full_parameters(federation)
-    examples = settings.epochs * sum(len(federation.shards[s]) for s in others)
+    examples = sum(len(federation.shards[s]) for s in others)  # distinct rows, each read `settings.epochs` times
     model = merger.merge(method="average", tasks=others)  # what the retrained sites ship (training is deterministic)
     seconds = sum(federation.train_seconds[s] for s in others)
     rows = {"retrain (remaining sites)": _row(federation, site, model, seconds, trainable=full, examples=examples,
@@ -221,7 +221,7 @@ def _retrain_rows(federation: Federation, merger: STAMerger, site: str, pooled: 
         rows_pooled = datasets.concatenate_datasets([federation.shards[s] for s in others])
         model, seconds = _train_site(federation, "pooled", rows_pooled, settings.seed, tokenizer)
         rows["pooled retrain"] = _row(federation, site, model, seconds, trainable=full, examples=examples,
-                                      reversible="no")  # fmt: skip
+                                      epochs=settings.epochs, reversible="no")  # fmt: skip
     return rows
 
 
