@@ -136,12 +136,15 @@ def _row(work: TaskWorkload, task: str, body, before: dict[str, float], seconds:
     return row
 
 
-def edit_rows(work: TaskWorkload, task: str, before: dict[str, float]) -> dict[str, dict]:
-    """STA and negation forgetting, the scaling chosen on validation by each rule (one evaluation per scaling)."""
+def edit_rows(work: TaskWorkload, task: str, before: dict[str, float], rows: dict[str, dict]) -> None:
+    """STA and negation forgetting, the scaling chosen on validation by each rule (one evaluation per scaling); adds
+    the rows a method lacks to ``rows``."""
     others = [t for t in work.tasks if t != task]
     chance = work.chance(task, "validation")
-    rows, seen = {}, {}
+    seen: dict[tuple, dict] = {}
     for method in ("sta", "negation"):
+        if all(f"{method} / {rule}" in rows for rule in RULES):
+            continue
 
         def scores(scaling: float, method: str = method) -> dict[str, float]:
             key = ("unedited", 0.0) if scaling == 0 else (method, scaling)
@@ -165,7 +168,6 @@ def edit_rows(work: TaskWorkload, task: str, before: dict[str, float]) -> dict[s
                 new_evaluations=len(seen) - evaluated, curve=curve_record,
             )  # fmt: skip
             logger.info("%s: %s / %s -> x%s, %s", task, method, rule, scaling, rows[f"{method} / {rule}"]["target"])
-    return rows
 
 
 def _disjoint(rows, forget_rows, scorer: Scorer):
@@ -214,8 +216,26 @@ def remerge_row(work: TaskWorkload, task: str, before: dict[str, float]) -> dict
     return _row(work, task, body, before, time.perf_counter() - started)
 
 
+class _SavedRows(dict):
+    """Rows written to ``path`` (with the protocol) each time one is added, so an interrupted task resumes at the first
+    row it had not finished; reused only under the same protocol."""
+
+    def __init__(self, path: Path | None, protocol: dict) -> None:
+        saved = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        same = saved.get("protocol") == json.loads(json.dumps(protocol, default=str))
+        super().__init__(saved.get("rows", {}) if same else {})
+        self.path, self.protocol = path, protocol
+
+    def __setitem__(self, key: str, value: dict) -> None:
+        super().__setitem__(key, value)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"protocol": self.protocol, "rows": dict(self)}, default=str) + "\n")
+
+
 def forget_task(work: TaskWorkload, task: str, fused: dict[str, Any]) -> dict[str, Any]:
-    """Every method on ``task``; reused from ``work.cache/<task>.json`` when the protocol is unchanged."""
+    """Every method on ``task``; reused from ``work.cache/<task>.json`` when the protocol is unchanged (and resumed
+    from ``<task>.partial.json`` after an interruption)."""
     protocol = {**work.protocol, "rules": {k: str(v) for k, v in RULES.items()}, "fused": fused, "task": task}
     path = work.cache / f"{task}.json" if work.cache else None
     if path is not None and path.is_file():
@@ -223,16 +243,22 @@ def forget_task(work: TaskWorkload, task: str, fused: dict[str, Any]) -> dict[st
         if saved["protocol"] == json.loads(json.dumps(protocol, default=str)):
             logger.info("reusing %s", path)
             return saved
+    rows = _SavedRows(path.with_suffix(".partial.json") if path else None, protocol)
     body = work.body()
     before = work.evaluate(body, "test")
-    rows = {"unedited merge": _row(work, task, body, before, 0.0)}
-    rows.update(edit_rows(work, task, before))
-    rows["fused"] = fused_row(work, task, before, dict(fused))
-    rows["remerge without task"] = remerge_row(work, task, before)
-    result = {"protocol": protocol, "task": task, "rows": rows}
+    if "unedited merge" not in rows:
+        rows["unedited merge"] = _row(work, task, body, before, 0.0)
+    edit_rows(work, task, before, rows)
+    if "fused" not in rows:
+        rows["fused"] = fused_row(work, task, before, dict(fused))
+    if "remerge without task" not in rows:
+        rows["remerge without task"] = remerge_row(work, task, before)
+    order = ["unedited merge", *(f"{m} / {r}" for m in ("sta", "negation") for r in RULES), "fused",
+             "remerge without task"]  # fmt: skip
+    result = {"protocol": protocol, "task": task, "rows": {name: rows[name] for name in order}}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        rows.path.unlink()
     return result
 
 

@@ -287,3 +287,15 @@ def test_dataloader_inputs_and_forget_losses(merger, classifier, forget_loss):
     assert not torch.equal(_logits(model, FORGET), logits_before)
     with pytest.raises(ConfigError, match="retain data 'a' example 0 is also in the forget data"):
         merger.unlearn(_fresh(classifier), loader(FORGET), {"a": loader(FORGET)}, **QUICK)
+
+
+def test_module_target_matches_a_base_that_stores_non_persistent_buffers(classifier):
+    from transformers import BertForSequenceClassification
+
+    base = BertForSequenceClassification.from_pretrained(classifier / "base")
+    position_ids = base.bert.embeddings.position_ids
+    state = {**base.state_dict(), "bert.embeddings.position_ids": position_ids}  # as MiniLM's file stores it
+    assert "bert.embeddings.position_ids" not in base.state_dict()
+    merger = STAMerger.from_pretrained(state, {"ft": classifier / "ft"})
+    model = merger.unlearn(_fresh(classifier), FORGET, RETAIN, layers=[0], **QUICK)
+    assert merger.last_unlearning["layers"] == ["bert.encoder.layer.0"] and model.peft_config["default"].r == 16

@@ -49,7 +49,9 @@ def resolve_target(pool: TaskPool, target: Any, *, trust_remote_code: bool = Fal
             raise ConfigError("unlearn(target=None) needs a transformers base checkpoint; pass the model as target=.")
         return load_transformers_model(pool.base_folder, trust_remote_code=trust_remote_code), pool.base_folder
     if isinstance(target, nn.Module):
-        check_compatible(open_checkpoint(target, name="target"), pool.base, "unlearn target", every=True)
+        # non-persistent buffers (position_ids) count: some checkpoints store them, state_dict() leaves them out
+        tensors = {**dict(target.named_buffers()), **dict(target.named_parameters())}
+        check_compatible(open_checkpoint(tensors, name="target"), pool.base, "unlearn target", every=True)
         return target, None
     source = open_checkpoint(target, name=str(target))
     check_compatible(source, pool.base, f"unlearn target '{target}'", every=True)
