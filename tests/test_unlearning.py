@@ -299,3 +299,15 @@ def test_module_target_matches_a_base_that_stores_non_persistent_buffers(classif
     merger = STAMerger.from_pretrained(state, {"ft": classifier / "ft"})
     model = merger.unlearn(_fresh(classifier), FORGET, RETAIN, layers=[0], **QUICK)
     assert merger.last_unlearning["layers"] == ["bert.encoder.layer.0"] and model.peft_config["default"].r == 16
+
+
+def test_training_mode_survives_an_eval_fn_that_switches_to_eval(merger):
+    modes = []
+
+    def eval_fn(model):  # like a scorer: leaves the model in eval mode
+        modes.append(model.training)
+        model.eval()
+        return 1.0
+
+    merger.unlearn("ft", FORGET, RETAIN, layers=[0], eval_fn=eval_fn, **{**QUICK, "max_steps": 6})
+    assert len(modes) == 4 and all(modes[1:])  # after steps 2, 4, 6: still in training mode (dropout on)

@@ -141,6 +141,7 @@ def _train(model, config, forget, retain, metric: Callable[[], float], accelerat
         progress.update(1)
         if step % config.eval_steps == 0 or step == config.max_steps:
             history.append({"step": step, "forget_metric": metric(), "loss": sum(losses) / len(losses)})
+            model.train()  # an eval_fn may leave the model in eval mode (no dropout)
             losses = []
             progress.set_postfix(forget_metric=f"{history[-1]['forget_metric']:.3f}")
             reached = config.goal is not None and history[-1]["forget_metric"] <= config.goal
