@@ -22,6 +22,7 @@ from .methods import get_merge_method
 from .methods.sta import DEFAULT_FORGET_DENSITY, forget_delta, global_thresholds
 from .pool import TaskPool, check_compatible
 from .task_vector import TaskVector
+from .unlearning.rules import DEFAULT_MIN_CONTROL, Bisection, choose_scaling, resolve_scalings
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ def forget_job(
 
 @dataclasses.dataclass
 class ForgettingCurve:
-    """What :meth:`STAMerger.tune_forgetting` measured: one point per scaling, and the chosen one."""
+    """What :meth:`STAMerger.tune_forgetting` measured: one point per evaluated scaling (``{"scaling", "target",
+    "control"}``), the unedited model's metrics (``baseline``), the rule and the chosen scaling."""
 
     task: str
     method: str
@@ -178,6 +180,8 @@ class ForgettingCurve:
     points: list[dict[str, float]]
     min_control: float
     best_scaling: float | None
+    rule: str = "largest_drop"
+    chance: float | None = None
 
 
 def pick_scaling(
@@ -186,24 +190,28 @@ def pick_scaling(
     edit: Callable[[float], Any],
     eval_fn: Callable[[Any], float],
     control_fn: Callable[[Any], float],
-    scalings: Sequence[float],
-    min_control: float,
+    scalings: Sequence[float] | Bisection | str,
+    min_control: float | None,
+    *,
+    rule: str = "largest_drop",
+    chance: float | None = None,
 ) -> ForgettingCurve:
-    """The largest drop of ``eval_fn`` among the scalings whose ``control_fn`` stays ``>= min_control`` times its
-    value on the unedited model; ``edit(scaling)`` returns the edited model."""
+    """Evaluate the edits ``edit(scaling)`` (``scaling=0``: the unedited model) and choose a scaling by ``rule``
+    (:mod:`hf_sta.unlearning.rules`: ``"largest_drop"`` or ``"closest_to_chance"``) among those whose ``control_fn``
+    stays ``>= min_control`` times its value on the unedited model (default 0.95 / 0.98 for the two rules)."""
+    scalings = resolve_scalings(scalings, rule)
+    min_control = DEFAULT_MIN_CONTROL[rule] if min_control is None else float(min_control)
     unedited = edit(0.0)
     baseline = {"target": float(eval_fn(unedited)), "control": float(control_fn(unedited))}
     del unedited
-    points = []
-    for scaling in scalings:
+
+    def evaluate(scaling: float) -> dict[str, float]:
         model = edit(scaling)
-        points.append(
-            {"scaling": float(scaling), "target": float(eval_fn(model)), "control": float(control_fn(model))}
-        )
-        del model
-    allowed = [p for p in points if p["control"] >= min_control * baseline["control"]]
-    best = min(allowed, key=lambda p: (p["target"], p["scaling"])) if allowed else None
-    return ForgettingCurve(task, method, baseline, points, min_control, best["scaling"] if best else None)
+        return {"scaling": float(scaling), "target": float(eval_fn(model)), "control": float(control_fn(model))}
+
+    points, best = choose_scaling(evaluate, baseline, rule=rule, scalings=scalings, min_control=min_control,
+                                  chance=chance)  # fmt: skip
+    return ForgettingCurve(task, method, baseline, points, min_control, best, rule, chance)
 
 
 class ForgetMixin:
@@ -256,14 +264,23 @@ class ForgetMixin:
         eval_fn: Callable[[Any], float],
         control_fn: Callable[[Any], float],
         *,
-        scalings: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0),
-        min_control: float = 0.95,
+        scalings: Sequence[float] | Bisection | str = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0),
+        min_control: float | None = None,
+        rule: str = "largest_drop",
+        chance: float | None = None,
         method: str = "sta",
         target: str | os.PathLike | None = None,
         **params: Any,
     ) -> ForgettingCurve:
-        """Pick the forgetting ``scaling`` as task-vector negation does: the largest drop of ``eval_fn`` (the
-        forgotten task's metric) among the scalings whose ``control_fn`` stays ``>= min_control`` times its value on
-        the unedited target. Each function receives the edited model (as :meth:`forget` returns it in memory)."""
+        """Pick the forgetting ``scaling`` on a forgetting curve. Each function receives the edited model (as
+        :meth:`forget` returns it in memory): ``eval_fn`` scores the forgotten task, ``control_fn`` the others.
+
+        ``rule="largest_drop"`` (task-vector negation's): the lowest ``eval_fn`` among the scalings whose
+        ``control_fn`` stays ``>= min_control`` (default 0.95) times its value on the unedited target.
+        ``rule="closest_to_chance"``: the allowed scaling (``min_control`` default 0.98; the unedited model counts as
+        scaling 0) whose ``eval_fn`` is nearest ``chance``. ``scalings``: a grid, or ``"bisect"`` /
+        :class:`~hf_sta.unlearning.Bisection` (``closest_to_chance`` only) to halve ``[low, high]`` towards chance.
+        """
         edit = functools.partial(self.forget, task, method=method, target=target, **params)
-        return pick_scaling(task, method, lambda s: edit(scaling=s), eval_fn, control_fn, scalings, min_control)
+        return pick_scaling(task, method, lambda s: edit(scaling=s), eval_fn, control_fn, scalings, min_control,
+                            rule=rule, chance=chance)  # fmt: skip

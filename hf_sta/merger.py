@@ -1,5 +1,6 @@
 """STAMerger: the façade over load (``pool``) -> measure (``measure``) -> select + combine (``engine``, ``methods``)
--> write (``output``); forgetting is in ``forgetting``. It holds what was measured and what was last run."""
+-> write (``output``); forgetting is in ``forgetting``, trained unlearning adapters in ``unlearning``. It holds what
+was measured and what was last run."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from .io.pipeline import PIPELINE_WORKERS, torch_threads
 from .methods.registry import Prepared
 from .output import CardInputs, OutputWriter
 from .pool import CheckpointInput, PathOrRepo, TaskPool, open_pool, pool_from_task_vectors
+from .unlearning.api import UnlearnMixin
 
 __all__ = ["ForgettingCurve", "STAMerger"]
 
 
-class STAMerger(ForgetMixin, CompressMixin):
+class STAMerger(ForgetMixin, CompressMixin, UnlearnMixin):
     """Merge several fine-tuned models (or task vectors) of one base model, or forget one of them.
 
     ```python
@@ -50,6 +52,7 @@ class STAMerger(ForgetMixin, CompressMixin):
         # {tensor name: {task: fraction of entries kept}} of the last STA merge (model card statistics).
         self.last_kept_fraction: dict[str, dict[str, float]] = {}
         self._last_operation: tuple[str, dict[str, Any]] | None = None
+        self.last_unlearning: dict[str, Any] | None = None  # what the last unlearn() measured (hf_sta_unlearning.json)
 
     base = property(lambda self: self.pool.base)
     task_vectors = property(lambda self: self.pool.task_vectors)

@@ -206,3 +206,22 @@ def test_data_vectors(tmp_path):
 def test_readme_lists_every_example(name):
     readme = (Path(__file__).resolve().parents[1] / "examples" / "README.md").read_text()
     assert f"python -m examples.{name}" in readme
+
+
+def test_unlearn_task(tmp_path):
+    import json
+
+    from examples import unlearn_task
+
+    result = unlearn_task.main(tiny(tmp_path, "--tasks", *TASKS, "--calibration-samples", "8", "--max-steps", "4"))
+    folder = result["adapter_dir"]
+    for name in ("adapter_model.safetensors", "adapter_config.json", "hf_sta_unlearning.json"):
+        assert (folder / name).is_file(), name
+    record = json.loads((folder / "hf_sta_unlearning.json").read_text())
+    assert record["layers"] == result["record"]["layers"] and record["layers"]
+    with safe_open(folder / "adapter_model.safetensors", "pt") as handle:  # adapters on the chosen layers only
+        assert all(any(f".{layer}." in key for layer in record["layers"]) for key in handle.keys())
+    scores = result["scores"]
+    assert scores["unlearning adapter, disabled"] == scores["STA merge"]  # switched off: the merge, exactly
+    assert result["curve"].rule == "closest_to_chance" and result["curve"].chance == result["chance"]
+    assert_valid(scores)
