@@ -314,26 +314,32 @@ def test_clear_errors(sources, tmp_path):
 
 
 def test_source_lora_trains_only_lora_and_fusion(sources, tmp_path):
+    """LoRA added to a BERT and to a PEFT source (beside its own, frozen, still active adapter): before training the
+    outputs are exactly those without it (B = 0); only the new adapter and the fusion module train."""
     from peft import LoraConfig
 
-    model = FusedMultiTaskModel.from_pretrained(
-        {"sentiment": sources["sentiment"], "topic": sources["topic"]},
-        fusion_dim=16,
-        num_heads=2,
-        source_lora=LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]),
-    )
-    frozen = {k: v.clone() for k, v in model.sources.state_dict().items() if "lora_" not in k}
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value", "q_proj"])
+    model = fused(sources, source_lora=lora)
+    reference = fused(sources).eval()
+    model.eval()
+    for task, logits in model(texts=TEXTS).task_logits.items():
+        torch.testing.assert_close(logits, reference(texts=TEXTS).task_logits[task], rtol=0, atol=0)
+    frozen = {k: v.clone() for k, v in model.sources.state_dict().items() if "hf_sta_fusion" not in k}
+    assert any("lora_A.default" in k for k in frozen)  # the PEFT source's own adapter is part of the frozen source
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert any("lora_" in n for n in trainable) and all("lora_" in n or n.startswith("fusion.") for n in trainable)
-    data = {t: _train_data()[t] for t in ("sentiment", "topic")}
-    train_fusion(model, data, FusionTrainingArguments(max_steps=6, per_device_train_batch_size=4, disable_tqdm=True))
+    assert any(".polarity." in n for n in trainable) and any(".topic." in n for n in trainable)
+    assert all(".hf_sta_fusion." in n or n.startswith("fusion.") for n in trainable)
+    args = FusionTrainingArguments(max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2, disable_tqdm=True)
+    train_fusion(model, _train_data(), args)
     for key, value in model.sources.state_dict().items():
         if key in frozen:
             torch.testing.assert_close(value, frozen[key], rtol=0, atol=0)
     model.eval()
-    expected = model(texts=TEXTS, task="topic").logits
+    expected = model(texts=TEXTS).task_logits
+    assert not torch.equal(expected["polarity"], reference(texts=TEXTS, task="polarity").logits)
     loaded = FusedMultiTaskModel.from_pretrained(model.save_pretrained(tmp_path / "lora"))
-    torch.testing.assert_close(loaded(texts=TEXTS, task="topic").logits, expected, rtol=0, atol=0)
+    for task, logits in loaded(texts=TEXTS).task_logits.items():
+        torch.testing.assert_close(logits, expected[task], rtol=0, atol=0)
 
 
 def test_push_to_hub_ships_local_sources(sources, tmp_path, local_hub):
@@ -356,3 +362,20 @@ def test_bench_fusion_tiny_runs():
     assert result["rows"]["akf"]["trainable_fraction"] < 1.0
     assert result["rows"]["akf"]["latency"]["fused_seconds"] > 0
     assert "| akf |" in markdown(result)
+
+
+def test_cached_features_train_the_same_model_as_running_the_sources(sources):
+    """Oracle for the feature cache: the same seed trains the same weights whether each step runs the sources on
+    the texts or reads their cached outputs (padding differs, so up to float rounding)."""
+    data = _train_data()
+    weights = []
+    for cache in (True, False):
+        model = fused(sources)
+        args = FusionTrainingArguments(
+            max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2, cache_features=cache, disable_tqdm=True
+        )
+        train_fusion(model, data, args)
+        weights.append(model.fusion.state_dict())
+    assert any(not torch.equal(v, fused(sources).fusion.state_dict()[k]) for k, v in weights[0].items())
+    for key, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][key], rtol=1e-4, atol=1e-5)

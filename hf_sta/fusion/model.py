@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FusedMultiTaskModel", "FusedOutput"]
 
+SOURCE_LORA_ADAPTER = "hf_sta_fusion"
+"""Adapter name of the LoRA layers ``source_lora`` adds to the sources (beside a PEFT source's own adapters)."""
 _PER_TASK_OPTIONS = ("num_labels", "label_words", "prompts", "components", "pooling")
 
 
@@ -221,15 +223,29 @@ class FusedMultiTaskModel(nn.Module):
         }
 
     def _inject_lora(self, lora: Mapping[str, Any]) -> None:
+        """Add a trainable LoRA adapter named :data:`SOURCE_LORA_ADAPTER` to every transformers source.
+
+        A source that is itself a ``PeftModel`` keeps its own adapter(s) active and frozen: the new adapter is added
+        beside them and every LoRA layer runs both (``W x + own(x) + fusion(x)``). Only the new adapter trains; its
+        ``B`` starts at zero, so the sources predict as before until training moves it.
+        """
         from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
 
         config = LoraConfig(**{k: v for k, v in lora.items() if k in LoraConfig.__dataclass_fields__})
         for task, source in self.sources.items():
             if not isinstance(source, TransformersSource):
                 raise ConfigError(f"source_lora applies to transformers sources only; {task!r} is not one.")
-            inject_adapter_in_model(config, source.model, adapter_name="fusion")
+            if not hasattr(source.model, "peft_config"):
+                inject_adapter_in_model(config, source.model, adapter_name=SOURCE_LORA_ADAPTER)
+                continue
+            own = list(source.model.active_adapters)
+            source.model.add_adapter(SOURCE_LORA_ADAPTER, config)
+            for module in source.model.modules():
+                if isinstance(module, LoraLayer):
+                    module.set_adapter([*own, SOURCE_LORA_ADAPTER])
         for name, param in self.sources.named_parameters():
-            param.requires_grad_("lora_" in name)
+            param.requires_grad_(f".{SOURCE_LORA_ADAPTER}." in name)
 
     # -- running ------------------------------------------------------------------------------------------------------
     @property
@@ -284,7 +300,12 @@ class FusedMultiTaskModel(nn.Module):
             raise ConfigError(f"Unknown task {task!r}; this model's tasks are {self.tasks}.")
         if labels is not None and task is None:
             raise ConfigError("labels need a task: model(texts, task='name', labels=...).")
-        outputs = features if features is not None else self.encode(texts, inputs)
+        if features is not None:
+            from accelerate.utils import send_to_device
+
+            outputs = send_to_device(dict(features), self.device)
+        else:
+            outputs = self.encode(texts, inputs)
         task_logits = self.fusion(outputs, [task] if task is not None else self.tasks)
         logits = task_logits[task] if task is not None else None
         loss = None

@@ -59,6 +59,12 @@ class SourceOutput:
         logits = None if self.logits is None else self.logits[index]
         return SourceOutput([c[index] for c in self.components], self.features[index], logits)
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SourceOutput:
+        """Every tensor moved to ``device`` (what ``accelerate.utils.send_to_device`` calls)."""
+        move = lambda tensor: tensor.to(device, non_blocking=non_blocking)  # noqa: E731
+        logits = None if self.logits is None else move(self.logits)
+        return SourceOutput([move(c) for c in self.components], move(self.features), logits)
+
     @staticmethod
     def cat(outputs: Sequence[SourceOutput]) -> SourceOutput:
         """Concatenate along the batch dimension."""
