@@ -42,7 +42,8 @@ __all__ = ["FusedMultiTaskModel", "FusedOutput"]
 
 SOURCE_LORA_ADAPTER = "hf_sta_fusion"
 """Adapter name of the LoRA layers ``source_lora`` adds to the sources (beside a PEFT source's own adapters)."""
-_PER_TASK_OPTIONS = ("num_labels", "label_words", "prompts", "components", "pooling")
+_PER_TASK_OPTIONS = ("num_labels", "label_words", "prompts", "components", "pooling", "source_options")
+_READING_OPTIONS = ("add_special_tokens", "max_chars", "max_length")
 
 
 @dataclass
@@ -113,6 +114,7 @@ class FusedMultiTaskModel(nn.Module):
         tokenizers: Mapping[str, Any] | None = None,
         components: int | Sequence[int] | Mapping[str, int | Sequence[int]] = 3,
         pooling: str | Mapping[str, str] | None = None,
+        source_options: Mapping[str, Mapping[str, Any]] | None = None,
         fusion: str = "akf",
         fusion_dim: int = 128,
         intra_layers: int = 1,
@@ -137,6 +139,8 @@ class FusedMultiTaskModel(nn.Module):
             tokenizers: ``{task: tokenizer}`` for loaded models given in memory.
             components: groups of layers per source (int ``K``, or ``hidden_states`` indices), or ``{task: ...}``.
             pooling: ``mean`` / ``last`` / ``first`` (default: mean for encoders, last token for decoders).
+            source_options: ``{task: {option: value}}`` for how a source reads its text, as it was trained:
+                ``add_special_tokens`` (bool), ``max_chars`` (cut each text before the prompt), ``max_length``.
             fusion: ``"akf"`` or ``"concat"`` (simple fusion baseline).
             fusion_dim, intra_layers, inter_layers, num_heads, dropout: AKF size (defaults: D=128, 1+1 layers, 4 heads;
                 about 0.3M parameters plus projections, small next to any transformer source).
@@ -151,7 +155,9 @@ class FusedMultiTaskModel(nn.Module):
             raise ConfigError(f"sources must be a mapping {{task: model}} or a saved folder, got {type(sources)}.")
         tasks = list(sources)
         check_task_names(tasks, "FusedMultiTaskModel.from_pretrained")
-        options = dict(zip(_PER_TASK_OPTIONS, (num_labels, label_words, prompts, components, pooling)))
+        options = dict(
+            zip(_PER_TASK_OPTIONS, (num_labels, label_words, prompts, components, pooling, source_options or {}))
+        )
         _check_option_tasks(tasks, {**options, "tokenizers": tokenizers})
         built = {
             task: cls._build_source(task, value, options, tokenizers or {}, max_length, load_kwargs)
@@ -188,6 +194,11 @@ class FusedMultiTaskModel(nn.Module):
             "prompt": _per_task(options["prompts"], task),
             "max_length": max_length,
         }
+        extra = dict(options["source_options"].get(task) or {})
+        unknown = sorted(set(extra) - set(_READING_OPTIONS))
+        if unknown:
+            raise ConfigError(f"source_options[{task!r}] has unknown option(s) {unknown}; known: {_READING_OPTIONS}.")
+        reading.update(extra)
         if isinstance(value, str | os.PathLike):
             return load_transformers_source(value, task=task, load_kwargs=load_kwargs, **reading)
         if isinstance(value, nn.Module) and hasattr(value, "config"):
