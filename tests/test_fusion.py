@@ -5,6 +5,7 @@ probabilities, brute-force pooling loops, a reloaded checkpoint."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -224,12 +225,19 @@ def test_save_load_reproduces_outputs_exactly(sources, tmp_path):
     assert (shipped / "sources" / "polarity" / "adapter_config.json").is_file()
     reloaded = FusedMultiTaskModel.from_pretrained(shipped)
     torch.testing.assert_close(reloaded(texts=TEXTS, task="polarity").logits, expected["polarity"], rtol=0, atol=0)
+    # a shipped source stays shipped when the loaded model is saved elsewhere (its only copy is in `shipped`)
+    again = reloaded.save_pretrained(tmp_path / "again")
+    spec = json.loads((again / "fusion_config.json").read_text())["sources"]["topic"]
+    assert spec["shipped"] and spec["origin"] == str(sources["topic"]) and (again / "sources" / "topic").is_dir()
+    shutil.rmtree(shipped)
+    for task, logits in FusedMultiTaskModel.from_pretrained(again)(texts=TEXTS).task_logits.items():
+        torch.testing.assert_close(logits, expected[task], rtol=0, atol=0)
 
 
 def test_card_lists_hub_sources_as_base_model():
     config = FusionConfig(
-        tasks=["a", "b", "c"],
-        num_labels={"a": 2, "b": 3, "c": 2},
+        tasks=["a", "b", "c", "d"],
+        num_labels={"a": 2, "b": 3, "c": 2, "d": 2},
         sources={
             "a": {
                 "kind": "transformers",
@@ -243,10 +251,11 @@ def test_card_lists_hub_sources_as_base_model():
                 "peft": True,
             },
             "c": {"kind": "transformers", "reference": "/local/folder", "class": "BertModel"},
+            "d": {"kind": "transformers", "reference": "sources/d", "shipped": True, "origin": "org/shipped-copy"},
         },
     )
     card = render_fused_card(config)
-    assert card.data.base_model == ["org/minilm-sentiment", "org/smollm2-topic-lora"]
+    assert card.data.base_model == ["org/minilm-sentiment", "org/smollm2-topic-lora", "org/shipped-copy"]
     assert "/local/folder" in card.text.replace("\\", "")
 
 

@@ -5,22 +5,13 @@ Data flow: load each source (its own architecture, width and tokenizer) -> decom
 are registered, frozen submodules (their weights are in ``state_dict()``); only the fusion module and the heads (and,
 optionally, LoRA layers injected into the sources) train. The sources always run in eval mode (no dropout).
 
-Saved layout (``save_pretrained``)::
-
-    <folder>/
-      fusion_config.json        FusionConfig: tasks, labels, fusion settings, one spec per source
-      model.safetensors         the fusion module and heads (+ LoRA of the sources, + weights of nn.Module sources)
-      sources/<task>/           only for shipped sources (save_pretrained of the model and its tokenizer)
-      README.md                 model card; every source that is a Hub repo is listed in ``base_model``
+Saving and loading (``save_pretrained`` / ``from_pretrained(folder)`` / ``push_to_hub``): ``serialization.py``.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +21,8 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..errors import CheckpointError, ConfigError
-from ..layout import CARD_NAME
-from .config import FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAME, SOURCES_FOLDER, FusionConfig, check_task_names
+from ..errors import ConfigError
+from .config import FusionConfig, check_task_names
 from .modules import FUSIONS
 from .sources import FusionSource, SourceOutput, TransformersSource, load_transformers_source
 
@@ -150,7 +140,9 @@ class FusedMultiTaskModel(nn.Module):
             load_kwargs: passed to transformers' ``from_pretrained`` (default ``dtype=torch.float32``).
         """
         if isinstance(sources, str | os.PathLike):
-            return cls._load(sources, sources=module_sources, load_kwargs=load_kwargs)
+            from .serialization import load_fused
+
+            return load_fused(cls, sources, module_sources=module_sources, load_kwargs=load_kwargs)
         if not isinstance(sources, Mapping):
             raise ConfigError(f"sources must be a mapping {{task: model}} or a saved folder, got {type(sources)}.")
         tasks = list(sources)
@@ -324,78 +316,19 @@ class FusedMultiTaskModel(nn.Module):
             loss = nn.functional.cross_entropy(logits, torch.as_tensor(labels, device=logits.device))
         return FusedOutput(loss=loss, logits=logits, task_logits=task_logits)
 
-    # -- saving and loading -------------------------------------------------------------------------------------------
-    def _ship_set(self, ship_sources: bool | Sequence[str] | None, for_hub: bool) -> set[str]:
-        from ..card import hub_model_id
-
-        if ship_sources is True:
-            return set(self.tasks)
-        if ship_sources not in (None, False):
-            unknown = sorted(set(ship_sources) - set(self.tasks))
-            if unknown:
-                raise ConfigError(f"ship_sources names {unknown}, which are not tasks of this model ({self.tasks}).")
-            chosen = set(ship_sources)
-        else:
-            chosen = set()
-        for task, spec in self.config.sources.items():
-            reference = spec.get("reference")
-            if spec["kind"] == "transformers" and (reference is None or (for_hub and hub_model_id(reference) is None)):
-                if ship_sources is False:
-                    raise ConfigError(f"Source {task!r} has no Hub reference ({reference!r}); it must be shipped.")
-                chosen.add(task)
-        return chosen
-
-    def _weights_to_save(self) -> dict[str, torch.Tensor]:
-        """The fusion module, trainable source tensors (LoRA) and every tensor of ``nn.Module`` sources."""
-        trainable = {n for n, p in self.sources.named_parameters() if p.requires_grad}
-        state = {}
-        for key, value in self.state_dict().items():
-            task = key.split(".")[1] if key.startswith("sources.") else None
-            module_source = task is not None and self.config.sources[task]["kind"] == "module"
-            if key.startswith("fusion.") or module_source or key[len("sources.") :] in trainable:
-                state[key] = value.detach().cpu().contiguous()
-        return state
-
+    # -- saving and loading (hf_sta/fusion/serialization.py) ---------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, ship_sources: bool | Sequence[str] | None = None, _for_hub=False
+        self, save_directory: str | os.PathLike, *, ship_sources: bool | Sequence[str] | None = None
     ) -> Path:
         """Write config, fusion weights (safetensors), shipped sources and the model card; returns the folder.
 
         ``ship_sources``: ``True`` copies every source into ``sources/<task>/``; a list copies those; ``None`` (default)
-        copies only sources with no reference (models given in memory). Written to a temporary sibling first: an
-        error leaves the folder as it was.
+        copies only sources with no reference (models given in memory); ``False`` ships none (an error if one has no
+        reference). Written to a temporary sibling first: an error leaves the folder as it was.
         """
-        from safetensors.torch import save_file
+        from .serialization import save_fused
 
-        from .card import write_fused_card
-
-        ship = self._ship_set(ship_sources, _for_hub)
-        if ship and self.config.source_lora:
-            raise ConfigError("Shipping sources that carry injected LoRA layers is not supported; reference them.")
-        folder = Path(save_directory)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
-            config = copy.deepcopy(self.config)
-            for task in sorted(ship):
-                source = self.sources[task]
-                if isinstance(source, TransformersSource):
-                    target = tmp / SOURCES_FOLDER / task
-                    source.model.save_pretrained(target)
-                    source.tokenizer.save_pretrained(target)
-                    config.sources[task].update(reference=f"{SOURCES_FOLDER}/{task}", shipped=True)
-            save_file(self._weights_to_save(), str(tmp / FUSION_WEIGHTS_NAME), metadata={"format": "pt"})
-            config.save(tmp)
-            if (folder / CARD_NAME).is_file():  # update an existing card instead of overwriting it
-                shutil.copy2(folder / CARD_NAME, tmp / CARD_NAME)
-            write_fused_card(tmp, config, self)
-            folder.mkdir(exist_ok=True)
-            shutil.rmtree(folder / SOURCES_FOLDER, ignore_errors=True)
-            for item in tmp.iterdir():
-                os.replace(item, folder / item.name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
+        return save_fused(self, save_directory, ship_sources=ship_sources)
 
     def push_to_hub(
         self,
@@ -409,84 +342,17 @@ class FusedMultiTaskModel(nn.Module):
     ):
         """Save to a temporary folder and upload it. Sources that are not Hub repos (local folders, in-memory
         models) are shipped by default so the repo is usable elsewhere. Returns the ``CommitInfo``."""
-        from huggingface_hub import HfApi
+        from .serialization import push_fused
 
-        api = HfApi(token=token)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / "fused", ship_sources=ship_sources, _for_hub=True)
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision
-            )
-
-    @classmethod
-    def _load(
-        cls, location: str | os.PathLike, *, sources: Mapping[str, Any] | None, load_kwargs: Mapping[str, Any] | None
-    ) -> FusedMultiTaskModel:
-        from safetensors.torch import load_file
-
-        folder = _resolve_folder(location)
-        config = FusionConfig.load(folder)
-        given = dict(sources or {})
-        unknown = sorted(set(given) - set(config.tasks))
-        if unknown:
-            raise ConfigError(f"module_sources names {unknown}, which are not tasks of '{folder}' ({config.tasks}).")
-        built = {
-            task: cls._reload_source(folder, task, config.sources[task], given, load_kwargs) for task in config.tasks
-        }
-        model = cls(built, config)
-        try:
-            state = load_file(str(folder / FUSION_WEIGHTS_NAME))
-        except (OSError, Exception) as err:  # safetensors raises its own error type for corrupt files
-            raise CheckpointError(f"Cannot read fusion weights '{folder / FUSION_WEIGHTS_NAME}': {err}") from err
-        expected = set(model._weights_to_save())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"'{folder / FUSION_WEIGHTS_NAME}' does not match the model: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}."
-            )
-        model.load_state_dict(state, strict=False)
-        return model.eval()
-
-    @staticmethod
-    def _reload_source(folder: Path, task: str, spec: Mapping[str, Any], given: Mapping[str, Any], load_kwargs):
-        if task in given:
-            source = given[task]
-            if not isinstance(source, FusionSource):
-                raise ConfigError(f"module_sources[{task!r}] must be a FusionSource, got {type(source).__name__}.")
-        elif spec["kind"] != "transformers":
-            raise ConfigError(
-                f"Source {task!r} is a {spec.get('class')} module: pass it as module_sources={{{task!r}: ...}}."
-            )
-        else:
-            reference = folder / spec["reference"] if spec.get("shipped") else spec["reference"]
-            options = {k: spec.get(k) for k in ("components", "pooling", "label_words", "prompt", "max_chars")}
-            options["max_length"] = spec["max_length"]
-            source = load_transformers_source(
-                reference, task=task, load_kwargs=load_kwargs, add_special_tokens=spec["add_special_tokens"], **options
-            )
-        widths = (list(source.component_widths), source.feature_width)
-        if widths != (list(spec["component_widths"]), spec["feature_width"]):
-            raise CheckpointError(
-                f"Source {task!r} has component widths {widths[0]} / feature width {widths[1]}, but the fused model "
-                f"was built on {spec['component_widths']} / {spec['feature_width']}."
-            )
-        return source
-
-
-def _resolve_folder(location: str | os.PathLike) -> Path:
-    path = Path(location).expanduser()
-    if path.is_dir():
-        if not (path / FUSION_CONFIG_NAME).is_file():
-            raise CheckpointError(f"'{path}' is not a fused model: it has no {FUSION_CONFIG_NAME}.")
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(os.fspath(location)))
-    except Exception as err:  # offline, missing repo, bad id: all mean "cannot load"
-        raise CheckpointError(f"Cannot load a fused model from {os.fspath(location)!r}: {err}") from err
+        return push_fused(
+            self,
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            ship_sources=ship_sources,
+            revision=revision,
+        )
 
 
 def _jsonable(value: Any) -> Any:

@@ -248,6 +248,25 @@ def _encode_splits(model, columns, eval_data, args, train_features, eval_feature
     return train_features, eval_features
 
 
+def _batches(columns, args: FusionTrainingArguments, seed: int, features) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(task, {"labels", "features" or "texts"})`` forever, tasks drawn by :class:`MultiTaskSampler`."""
+    sizes = {task: len(texts) for task, (texts, _) in columns.items()}
+    sampler = MultiTaskSampler(
+        sizes,
+        batch_size=args.per_device_train_batch_size,
+        sampling=args.sampling,
+        temperature=args.temperature,
+        seed=seed,
+    )
+    for task, rows in sampler:
+        texts, labels = columns[task]
+        index = torch.tensor(rows)
+        if features is not None:
+            yield task, {"labels": labels[index], "features": {n: o.select(index) for n, o in features[task].items()}}
+        else:
+            yield task, {"labels": labels[index], "texts": [texts[i] for i in rows]}
+
+
 def _train_step(prepared, accelerator, optimization, trainable, args: FusionTrainingArguments, **batch) -> float:
     """One optimisation step on one task's batch; returns its loss."""
     optimizer, schedule = optimization
@@ -295,15 +314,8 @@ def train_fusion(
     optimizer, schedule = _optimizer(model, args)
     # the schedule is stepped here, once per step: prepared, accelerate would step it once per process
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    sampler = iter(
-        MultiTaskSampler(
-            {t: len(c[0]) for t, c in columns.items()},
-            batch_size=args.per_device_train_batch_size,
-            sampling=args.sampling,
-            temperature=args.temperature,
-            seed=args.seed + accelerator.process_index,
-        )
-    )
+    # each process draws its own tasks and batches
+    sampler = _batches(columns, args, args.seed + accelerator.process_index, train_features if cache else None)
     started = time.perf_counter()
     if eval_data and args.eval_steps:
         evaluate(0, None)
@@ -313,16 +325,8 @@ def train_fusion(
     progress = tqdm(range(1, args.max_steps + 1), desc="fusion training", disable=disable)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for step in progress:
-        task, rows = next(sampler)
-        texts, labels = columns[task]
-        index = torch.tensor(rows)
-        if cache:
-            batch = {"features": {n: o.select(index) for n, o in train_features[task].items()}}
-        else:
-            batch = {"texts": [texts[i] for i in rows]}
-        loss = _train_step(
-            prepared, accelerator, (optimizer, schedule), trainable, args, task=task, labels=labels[index], **batch
-        )
+        task, batch = next(sampler)
+        loss = _train_step(prepared, accelerator, (optimizer, schedule), trainable, args, task=task, **batch)
         progress.set_postfix(task=task, loss=f"{loss:.3f}")
         if eval_data and args.eval_steps and step % args.eval_steps == 0 and step != args.max_steps:
             evaluate(step, loss)
@@ -332,9 +336,6 @@ def train_fusion(
         if args.load_best_model_at_end:
             result.best_step = evaluate.restore_best()
     model.eval()
-    result.steps, result.train_seconds, result.history = (
-        args.max_steps,
-        time.perf_counter() - started,
-        evaluate.history,
-    )
+    result.steps, result.history = args.max_steps, evaluate.history
+    result.train_seconds = time.perf_counter() - started
     return result
