@@ -122,18 +122,32 @@ def _tiny_sources(work: Path, minilm_tasks: list[str], smollm_tasks: list[str]) 
 
 
 def _real_sources(args: argparse.Namespace) -> dict[str, Path]:
-    """The cached MiniLM fine-tunes and SmolLM2 LoRA adapters (trained here only when missing from the cache)."""
-    from benchmarks.bench_lora import cached_adapter
-    from benchmarks.finetune import finetune
-    from examples.merge_lora_adapters import Prompts
+    """The cached MiniLM fine-tunes and SmolLM2 LoRA adapters (trained here only when missing from the cache; with
+    ``--cached-sources-only`` the missing ones are left out instead)."""
+    from benchmarks.bench_lora import adapter_key, cached_adapter
+    from benchmarks.finetune import finetune, finetuned_dir
 
-    folders = {t: finetune(t, seed=0, train_size=SOURCE_TRAIN_SIZE) for t in args.minilm_tasks}
+    folders = {}
+    for task in args.minilm_tasks:
+        if (
+            getattr(args, "cached_sources_only", False)
+            and not finetuned_dir(task, train_size=SOURCE_TRAIN_SIZE).is_dir()
+        ):
+            logger.warning("MiniLM fine-tune of %s not cached yet: left out", task)
+            continue
+        folders[task] = finetune(task, seed=0, train_size=SOURCE_TRAIN_SIZE)
     if args.smollm_tasks:
         from transformers import AutoTokenizer
+
+        from examples.merge_lora_adapters import Prompts
 
         base = smollm_base(args)
         tokenizer = AutoTokenizer.from_pretrained(base)
         for task in args.smollm_tasks:
+            cached = cache_root() / "lora" / f"{task}-{adapter_key(task, base, LORA_HYPER)}"
+            if getattr(args, "cached_sources_only", False) and not (cached / "adapter_config.json").is_file():
+                logger.warning("SmolLM2 LoRA adapter of %s not cached yet: left out", task)
+                continue
             train = load_task(task, train_size=SOURCE_TRAIN_SIZE)["train"]
             prompts = Prompts(task, tokenizer, LORA_HYPER["max_chars"])
             folders[task] = cached_adapter(task, base, prompts, train, LORA_HYPER, cache_root() / "lora")
@@ -189,59 +203,59 @@ def load_data(args: argparse.Namespace) -> dict[str, dict[str, dict[str, list]]]
     return data
 
 
-def _features_path(model: FusedMultiTaskModel, task: str, split: str, count: int, bf16: bool) -> Path:
-    payload = {"sources": model.config.sources, "task": task, "split": split, "n": count, "bf16": bf16}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_root() / "fusion" / f"features-{task}-{split}-{digest}.safetensors"
+def _features_path(name: str, spec: dict[str, Any], task: str, split: str, count: int, bf16: bool) -> Path:
+    payload = {"source": spec, "task": task, "split": split, "n": count, "bf16": bf16}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_root() / "fusion" / f"features-{name}-on-{task}-{split}-{digest}.safetensors"
 
 
-def cached_features(model, data, args) -> tuple[dict[str, dict[str, dict[str, SourceOutput]]], dict[str, float]]:
-    """``{split: {task: {source: SourceOutput}}}`` read from / written to the feature cache (not with --tiny), and
-    the seconds each split took to encode (recorded in the cache file)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    result: dict[str, dict[str, Any]] = {"train": {}, "validation": {}, "test": {}}
-    seconds = {"train": 0.0, "validation": 0.0, "test": 0.0}
-    for task, splits in data.items():
-        for split, rows in splits.items():
-            path = _features_path(model, task, split, len(rows["text"]), args.bf16)
-            if not args.tiny and path.is_file():
-                result[split][task] = _unflatten(load_file(path), model)
-                with safe_open(str(path), "pt") as handle:
-                    seconds[split] += float(handle.metadata()["seconds"])
-                continue
-            started = time.perf_counter()
-            with autocast(args):
-                features = encode_dataset(model, rows["text"], batch_size=32, disable_tqdm=args.tiny)
-            elapsed = time.perf_counter() - started
-            seconds[split] += elapsed
-            logger.info("encoded %s/%s (%d texts) in %.0f s", task, split, len(rows["text"]), elapsed)
-            if not args.tiny:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file(_flatten(features), str(tmp), metadata={"seconds": f"{elapsed:.3f}"})
-                os.replace(tmp, path)
-            result[split][task] = features
-    return result, seconds
-
-
-def _flatten(features: dict[str, SourceOutput]) -> dict[str, torch.Tensor]:
-    flat = {}
-    for name, out in features.items():
-        flat.update({f"{name}.component{k}": c.contiguous() for k, c in enumerate(out.components)})
-        flat[f"{name}.features"] = out.features.contiguous()
-        if out.logits is not None:
-            flat[f"{name}.logits"] = out.logits.contiguous()
+def _encode_source(name: str, source, texts: list[str], args) -> dict[str, torch.Tensor]:
+    """One source's outputs for ``texts`` (``{"component<k>", "features", "logits"}``), through a fused model that
+    holds it alone (the same ``encode_dataset`` path as training)."""
+    alone = FusedMultiTaskModel({name: source}, fusion_config("concat", {name: source}, args))
+    with autocast(args):
+        out = encode_dataset(alone, texts, batch_size=32, disable_tqdm=args.tiny)[name]
+    flat = {f"component{k}": c.contiguous() for k, c in enumerate(out.components)}
+    flat["features"] = out.features.contiguous()
+    if out.logits is not None:
+        flat["logits"] = out.logits.contiguous()
     return flat
 
 
-def _unflatten(flat: dict[str, torch.Tensor], model) -> dict[str, SourceOutput]:
-    out = {}
-    for name, source in model.sources.items():
-        components = [flat[f"{name}.component{k}"] for k in range(len(source.component_widths))]
-        out[name] = SourceOutput(components, flat[f"{name}.features"], flat.get(f"{name}.logits"))
-    return out
+def cached_features(sources, data, args) -> tuple[dict[str, dict[str, dict[str, SourceOutput]]], dict[str, float]]:
+    """``{split: {task: {source: SourceOutput}}}``: every source's outputs on every task's texts, read from / written
+    to the feature cache (one file per source, task and split; not with --tiny), and the seconds each split took to
+    encode (recorded in the cache files, so a resumed run still reports the full encoding time)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    result: dict[str, dict[str, Any]] = {
+        split: {task: {} for task in data} for split in ("train", "validation", "test")
+    }
+    seconds = dict.fromkeys(result, 0.0)
+    for name, source in sources.items():
+        spec = source.spec()
+        for task, splits in data.items():
+            for split in result:
+                texts = splits[split]["text"]
+                path = _features_path(name, spec, task, split, len(texts), args.bf16)
+                if not args.tiny and path.is_file():
+                    flat = load_file(path)
+                    with safe_open(str(path), "pt") as handle:
+                        elapsed = float(handle.metadata()["seconds"])
+                else:
+                    started = time.perf_counter()
+                    flat = _encode_source(name, source, texts, args)
+                    elapsed = time.perf_counter() - started
+                    logger.info("encoded %s on %s/%s (%d texts) in %.0f s", name, task, split, len(texts), elapsed)
+                    if not args.tiny:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        save_file(flat, str(path.with_suffix(".tmp")), metadata={"seconds": f"{elapsed:.3f}"})
+                        os.replace(path.with_suffix(".tmp"), path)
+                seconds[split] += elapsed
+                components = [flat[f"component{k}"] for k in range(len(source.component_widths))]
+                result[split][task][name] = SourceOutput(components, flat["features"], flat.get("logits"))
+    return result, seconds
 
 
 # -- fusion: individual sources, AKF, simple fusion -------------------------------------------------------------------
@@ -551,6 +565,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-repeats", type=int, default=5)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
     parser.add_argument("--num-threads", type=int, default=1)
+    parser.add_argument(
+        "--cached-sources-only", action="store_true", help="--stage encode: skip sources not trained yet (no training)"
+    )
     args = parser.parse_args(argv)
     args.source_train_size = SOURCE_TRAIN_SIZE
     if args.tiny:
@@ -569,8 +586,7 @@ def _run_stages(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         folders = _tiny_sources(work, args.minilm_tasks, args.smollm_tasks) if args.tiny else _real_sources(args)
         sources = build_sources(folders, args)
         if args.stage in ("all", "encode", "fusion"):
-            probe = FusedMultiTaskModel(sources, fusion_config("concat", sources, args))
-            features, seconds = cached_features(probe, data, args)
+            features, seconds = cached_features(sources, data, args)
             if args.stage != "encode":
                 part = stage_fusion(sources, features, seconds, data, args)
                 result["rows"].update(part.pop("rows"))
