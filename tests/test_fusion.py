@@ -138,6 +138,27 @@ def test_untrained_fusion_reproduces_every_source(sources, fusion):
         torch.testing.assert_close(out.task_logits[task], expected, **({"rtol": 0, "atol": 0} if exact else {}))
 
 
+def test_left_padded_decoder_reads_as_unpadded(tmp_path):
+    """GPT-2 (absolute positions: a shifted position changes the output) left-padded: position ids count real
+    tokens, so every text is read as it is alone. Oracle: GPT-2 on each text unpadded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = word_tokenizer(["<pad>", "<unk>", "</s>"], WORDS, None)
+    tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=2, n_head=2, pad_token_id=0)
+    gpt2 = GPT2LMHeadModel(config).eval()
+    model = FusedMultiTaskModel.from_pretrained(
+        {"polarity": gpt2}, tokenizers={"polarity": tokenizer}, label_words=LABEL_WORDS, components=2, fusion_dim=16,
+        num_heads=2,
+    ).eval()  # fmt: skip
+    assert (model.sources["polarity"].tokenize(TEXTS)["attention_mask"][:, 0] == 0).any()  # left padding happens
+    answers = [tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in LABEL_WORDS["polarity"]]
+    with torch.no_grad():
+        expected = torch.stack([gpt2(**tokenizer(text, return_tensors="pt")).logits[0, -1, answers] for text in TEXTS])
+    torch.testing.assert_close(model(texts=TEXTS, task="polarity").logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_one_source_identity_fusion_is_exactly_its_head(sources):
     model = FusedMultiTaskModel.from_pretrained({"topic": sources["topic"]}, fusion_dim=16, num_heads=2).eval()
     torch.testing.assert_close(

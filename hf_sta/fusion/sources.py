@@ -283,6 +283,9 @@ class TransformersSource(FusionSource):
     ) -> SourceOutput:
         """Run the source once; ``components[k] = pool(hidden_states[layers[k]])`` (shapes ``(batch, d)``)."""
         if self._read_decoder:
+            if attention_mask is not None and "position_ids" not in kwargs:
+                # positions count real tokens only, so a left-padded text reads as it does unpadded
+                kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             out = self._base().get_decoder()(
                 input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs
             )
