@@ -65,9 +65,9 @@ from hf_sta.fusion import (
     SourceOutput,
     encode_dataset,
     evaluate_fusion,
+    load_transformers_sources,
     train_fusion,
 )
-from hf_sta.fusion.sources import load_transformers_source
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = RESULTS / "fusion_parts"
@@ -162,19 +162,19 @@ def smollm_base(args: argparse.Namespace) -> Path:
 
 def build_sources(folders: dict[str, Path], args: argparse.Namespace) -> dict[str, Any]:
     """``{task: TransformersSource}``: encoders read through their heads (their fine-tuning max length, 128 tokens),
-    decoders through answer-word logits at the end of bench_lora's prompt (text cut to 200 characters)."""
+    decoders through answer-word logits at the end of bench_lora's prompt (text cut to 200 characters); the LoRA
+    adapters share one SmolLM2."""
     from examples.merge_lora_adapters import PROMPTS
 
-    sources = {}
-    for task, folder in folders.items():
-        options: dict[str, Any] = dict(components=args.components, max_length=128)
+    options = {}
+    for task in folders:
+        options[task] = dict(components=args.components, max_length=128)
         if task in args.smollm_tasks:
-            options.update(
+            options[task].update(
                 label_words=label_names(task), prompt=PROMPTS[task], max_length=256, add_special_tokens=False,
                 max_chars=LORA_HYPER["max_chars"],
             )  # fmt: skip
-        sources[task] = load_transformers_source(folder, task=task, **options)
-    return sources
+    return load_transformers_sources(folders, options)
 
 
 def fusion_config(kind: str, sources: dict[str, Any], args: argparse.Namespace, **overrides: Any) -> FusionConfig:
@@ -461,6 +461,7 @@ def own_prediction(source, texts: list[str]) -> torch.Tensor:
     """A source run on its own as it would be without fusion: a classifier's ``model(**batch).logits``; a causal LM's
     decoder and the answer words' rows of its output layer at the last prompt token (no hidden states kept)."""
     batch = source.tokenize(texts)
+    source._activate()  # its adapter, when several sources share one PeftModel
     if source.mode != "answer":
         return source.model(**batch).logits
     base = source.model.get_base_model() if hasattr(source.model, "get_base_model") else source.model

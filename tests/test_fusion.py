@@ -83,6 +83,23 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     return folders
 
 
+@pytest.fixture(scope="module")
+def stance_adapter(sources) -> Path:
+    """A second LoRA adapter of the polarity adapter's base (other weights)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base_dir = sources["polarity"].parent / "llama-base"
+    peft_model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(base_dir), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    )
+    perturb_(
+        peft_model, scale=0.3, seed=11, skip=("base_layer", "embed", "norm", "mlp", "lm_head", "k_proj", "o_proj")
+    )
+    peft_model.save_pretrained(base_dir.parent / "stance")
+    return base_dir.parent / "stance"
+
+
 LABEL_WORDS = {"polarity": ["positive", "negative"]}
 PROMPTS = {"polarity": "{text} is"}
 
@@ -188,6 +205,36 @@ def test_source_options_set_how_a_source_reads_text(sources, tmp_path):
         FusedMultiTaskModel.from_pretrained({"topic": sources["topic"]}, source_options={"topic": {"padding_side": 1}})
     with pytest.raises(ConfigError, match="nope"):
         FusedMultiTaskModel.from_pretrained({"topic": sources["topic"]}, source_options={"nope": {"max_chars": 5}})
+
+
+def test_adapters_of_one_base_share_one_copy_of_it(sources, stance_adapter, tmp_path):
+    """Two LoRA adapters of one Llama: one PeftModel, one base; outputs exactly those of separate copies (oracle:
+    share_bases=False), whichever source ran last; shipped and reloaded, still shared and exact."""
+    folders = {"polarity": sources["polarity"], "stance": stance_adapter, "topic": sources["topic"]}
+    kwargs = dict(
+        label_words={"polarity": LABEL_WORDS["polarity"], "stance": LABEL_WORDS["polarity"]},
+        prompts={"polarity": PROMPTS["polarity"], "stance": PROMPTS["polarity"]}, components=2, fusion_dim=16,
+        num_heads=2,
+    )  # fmt: skip
+    shared = FusedMultiTaskModel.from_pretrained(folders, **kwargs).eval()
+    separate = FusedMultiTaskModel.from_pretrained(folders, share_bases=False, **kwargs).eval()
+    assert shared.sources["polarity"].model is shared.sources["stance"].model
+    assert separate.sources["polarity"].model is not separate.sources["stance"].model
+    base = sum(p.numel() for n, p in separate.sources["stance"].named_parameters() if "lora_" not in n)
+    assert separate.num_parameters() - shared.num_parameters() == base
+    assert not any(p.requires_grad for p in shared.sources.parameters())
+    expected = separate(texts=TEXTS).task_logits
+    assert not torch.equal(expected["polarity"], expected["stance"])
+    for order in (["stance", "polarity"], ["polarity", "stance"]):
+        for task in order:
+            torch.testing.assert_close(shared(texts=TEXTS, task=task).logits, expected[task], rtol=0, atol=0)
+    folder = shared.save_pretrained(tmp_path / "shipped", ship_sources=True)
+    assert {p.name for p in (folder / "sources").iterdir()} == {"polarity", "stance", "topic"}
+    assert (folder / "sources" / "stance" / "adapter_config.json").is_file()
+    loaded = FusedMultiTaskModel.from_pretrained(folder)
+    assert loaded.sources["polarity"].model is loaded.sources["stance"].model
+    for task, logits in loaded(texts=TEXTS).task_logits.items():
+        torch.testing.assert_close(logits, expected[task], rtol=0, atol=0)
 
 
 def _train_data():

@@ -23,8 +23,9 @@ from transformers.utils import ModelOutput
 
 from ..errors import ConfigError
 from .config import FusionConfig, check_task_names
+from .loading import load_transformers_sources
 from .modules import FUSIONS
-from .sources import FusionSource, SourceOutput, TransformersSource, load_transformers_source
+from .sources import FusionSource, SourceOutput, TransformersSource
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class FusedMultiTaskModel(nn.Module):
         seed: int = 0,
         load_kwargs: Mapping[str, Any] | None = None,
         module_sources: Mapping[str, FusionSource] | None = None,
+        share_bases: bool = True,
     ) -> FusedMultiTaskModel:
         """Fuse ``{task: source}`` (a repo id, a folder, a PEFT adapter folder, a loaded transformers model, or a
         :class:`FusionSource`), or load a saved fused model (a folder or repo id holding ``fusion_config.json``; then
@@ -138,6 +140,8 @@ class FusedMultiTaskModel(nn.Module):
             source_lora: a ``peft.LoraConfig`` (or its dict) injected into every transformers source and trained.
             seed: initialisation seed of the fusion module.
             load_kwargs: passed to transformers' ``from_pretrained`` (default ``dtype=torch.float32``).
+            share_bases: PEFT adapters (folders or repo ids) of the same base model share one copy of it (one
+                ``PeftModel``, one adapter per task; not with ``source_lora``).
         """
         if isinstance(sources, str | os.PathLike):
             from .serialization import load_fused
@@ -151,8 +155,14 @@ class FusedMultiTaskModel(nn.Module):
             zip(_PER_TASK_OPTIONS, (num_labels, label_words, prompts, components, pooling, source_options or {}))
         )
         _check_option_tasks(tasks, {**options, "tokenizers": tokenizers})
+        reading = {task: cls._reading(task, options, max_length) for task in tasks}
+        paths = {task: value for task, value in sources.items() if isinstance(value, str | os.PathLike)}
+        share = share_bases and source_lora is None  # LoRA added to a shared base would be shared by its tasks
+        loaded = load_transformers_sources(
+            paths, {t: reading[t] for t in paths}, load_kwargs=load_kwargs, share_bases=share
+        )
         built = {
-            task: cls._build_source(task, value, options, tokenizers or {}, max_length, load_kwargs)
+            task: loaded[task] if task in loaded else cls._build_source(task, value, reading[task], tokenizers or {})
             for task, value in sources.items()
         }
         labels = cls._resolve_num_labels(built, num_labels or {})
@@ -174,11 +184,8 @@ class FusedMultiTaskModel(nn.Module):
         return cls(built, config)
 
     @staticmethod
-    def _build_source(
-        task: str, value: Any, options: Mapping[str, Any], tokenizers: Mapping[str, Any], max_length: int, load_kwargs
-    ) -> FusionSource:
-        if isinstance(value, FusionSource):
-            return value
+    def _reading(task: str, options: Mapping[str, Any], max_length: int) -> dict[str, Any]:
+        """How ``task``'s source reads its input (the keyword arguments of :class:`TransformersSource`)."""
         reading = {
             "components": _per_task(options["components"], task) or 3,
             "pooling": _per_task(options["pooling"], task),
@@ -190,9 +197,15 @@ class FusedMultiTaskModel(nn.Module):
         unknown = sorted(set(extra) - set(_READING_OPTIONS))
         if unknown:
             raise ConfigError(f"source_options[{task!r}] has unknown option(s) {unknown}; known: {_READING_OPTIONS}.")
-        reading.update(extra)
-        if isinstance(value, str | os.PathLike):
-            return load_transformers_source(value, task=task, load_kwargs=load_kwargs, **reading)
+        return {**reading, **extra}
+
+    @staticmethod
+    def _build_source(
+        task: str, value: Any, reading: Mapping[str, Any], tokenizers: Mapping[str, Any]
+    ) -> FusionSource:
+        """A source given in memory: a :class:`FusionSource` as is, a transformers/PEFT model with its tokenizer."""
+        if isinstance(value, FusionSource):
+            return value
         if isinstance(value, nn.Module) and hasattr(value, "config"):
             tokenizer = tokenizers.get(task)
             if tokenizer is None:

@@ -15,6 +15,7 @@ A source is either *referenced* (its spec keeps the repo id or folder it was loa
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import shutil
 import tempfile
@@ -27,10 +28,13 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..layout import CARD_NAME
 from .config import FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAME, SOURCES_FOLDER, FusionConfig
-from .sources import FusionSource, TransformersSource, load_transformers_source
+from .loading import load_transformers_sources
+from .sources import FusionSource, TransformersSource
 
 if TYPE_CHECKING:
     from .model import FusedMultiTaskModel
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["load_fused", "push_fused", "save_fused", "ship_set", "weights_to_save"]
 
@@ -73,6 +77,25 @@ def weights_to_save(model: FusedMultiTaskModel) -> dict[str, torch.Tensor]:
     return state
 
 
+def _save_source(source: TransformersSource, target: Path) -> None:
+    """The source's model (its adapter alone, for one adapter of a shared ``PeftModel``) and tokenizer."""
+    from ..card import hub_model_id
+
+    if source.adapter_name is None:
+        source.model.save_pretrained(target)
+    else:  # PEFT writes an adapter not named "default" into a sub-folder of that name
+        staging = target.parent / f".{target.name}.adapters"
+        source.model.save_pretrained(staging, selected_adapters=[source.adapter_name])
+        os.replace(staging / source.adapter_name, target)
+        shutil.rmtree(staging)
+    source.tokenizer.save_pretrained(target)
+    if not hasattr(source.model, "peft_config"):
+        return
+    base = source.model.peft_config[source.model.active_adapter].base_model_name_or_path
+    if hub_model_id(base) is None:
+        logger.warning("Shipped adapter %s refers to its base by the local path %r: ship or publish the base too.", target.name, base)  # fmt: skip
+
+
 def save_fused(
     model: FusedMultiTaskModel,
     save_directory: str | os.PathLike,
@@ -98,8 +121,7 @@ def save_fused(
             source = model.sources[task]
             if isinstance(source, TransformersSource):
                 target = tmp / SOURCES_FOLDER / task
-                source.model.save_pretrained(target)
-                source.tokenizer.save_pretrained(target)
+                _save_source(source, target)
                 spec = config.sources[task]
                 origin = spec.get("origin") if spec.get("shipped") else spec.get("reference")
                 spec.update(reference=f"{SOURCES_FOLDER}/{task}", shipped=True, origin=origin)
@@ -155,7 +177,7 @@ def load_fused(
     unknown = sorted(set(given) - set(config.tasks))
     if unknown:
         raise ConfigError(f"module_sources names {unknown}, which are not tasks of '{folder}' ({config.tasks}).")
-    built = {task: _reload_source(folder, task, config.sources[task], given, load_kwargs) for task in config.tasks}
+    built = _reload_sources(folder, config, given, load_kwargs)
     model = cls(built, config)
     try:
         state = load_file(str(folder / FUSION_WEIGHTS_NAME))
@@ -172,29 +194,36 @@ def load_fused(
     return model.eval()
 
 
-def _reload_source(folder: Path, task: str, spec: Mapping[str, Any], given: Mapping[str, Any], load_kwargs):
-    if task in given:
-        source = given[task]
-        if not isinstance(source, FusionSource):
-            raise ConfigError(f"module_sources[{task!r}] must be a FusionSource, got {type(source).__name__}.")
-    elif spec["kind"] != "transformers":
-        raise ConfigError(
-            f"Source {task!r} is a {spec.get('class')} module: pass it as module_sources={{{task!r}: ...}}."
-        )
-    else:
-        reference = folder / spec["reference"] if spec.get("shipped") else spec["reference"]
-        options = {k: spec.get(k) for k in ("components", "pooling", "label_words", "prompt", "max_chars")}
-        options["max_length"] = spec["max_length"]
-        source = load_transformers_source(
-            reference, task=task, load_kwargs=load_kwargs, add_special_tokens=spec["add_special_tokens"], **options
-        )
-    widths = (list(source.component_widths), source.feature_width)
-    if widths != (list(spec["component_widths"]), spec["feature_width"]):
-        raise CheckpointError(
-            f"Source {task!r} has component widths {widths[0]} / feature width {widths[1]}, but the fused model "
-            f"was built on {spec['component_widths']} / {spec['feature_width']}."
-        )
-    return source
+def _reload_sources(folder: Path, config: FusionConfig, given: Mapping[str, Any], load_kwargs) -> dict[str, Any]:
+    """The sources of a saved model: ``module_sources`` as given, the others from their references (shipped ones
+    from ``folder``); each checked against the widths the fusion module was built on."""
+    references, options = {}, {}
+    for task in config.tasks:
+        spec = config.sources[task]
+        if task in given:
+            if not isinstance(given[task], FusionSource):
+                raise ConfigError(
+                    f"module_sources[{task!r}] must be a FusionSource, got {type(given[task]).__name__}."
+                )
+        elif spec["kind"] != "transformers":
+            raise ConfigError(f"Source {task!r} is a {spec.get('class')} module: pass it as module_sources={{{task!r}: ...}}.")  # fmt: skip
+        else:
+            references[task] = folder / spec["reference"] if spec.get("shipped") else spec["reference"]
+            keys = ("components", "pooling", "label_words", "prompt", "max_chars", "max_length", "add_special_tokens")
+            options[task] = {k: spec.get(k) for k in keys}
+    loaded = load_transformers_sources(
+        references, options, load_kwargs=load_kwargs, share_bases=config.source_lora is None
+    )
+    sources = {task: given[task] if task in given else loaded[task] for task in config.tasks}
+    for task, source in sources.items():
+        spec = config.sources[task]
+        widths = (list(source.component_widths), source.feature_width)
+        if widths != (list(spec["component_widths"]), spec["feature_width"]):
+            raise CheckpointError(
+                f"Source {task!r} has component widths {widths[0]} / feature width {widths[1]}, but the fused model "
+                f"was built on {spec['component_widths']} / {spec['feature_width']}."
+            )
+    return sources
 
 
 def _resolve_folder(location: str | os.PathLike) -> Path:
