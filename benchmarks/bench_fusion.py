@@ -191,12 +191,20 @@ def fusion_config(kind: str, sources: dict[str, Any], args: argparse.Namespace, 
 
 # -- data and cached features -----------------------------------------------------------------------------------------
 def load_data(args: argparse.Namespace) -> dict[str, dict[str, dict[str, list]]]:
-    """``{task: {split: {"text": [...], "label": [...]}}}``."""
+    """``{task: {split: {"text": [...], "label": [...]}}}``. ``train``: the first ``--train-size`` of the sources' own
+    600 training examples, or with ``--fusion-data fresh`` as many examples of the training pool the sources never
+    saw (the next ones: ``load_task`` slices each class's pool consecutively, so 1,200 extend the 600)."""
     data = {}
     for task in args.tasks:
         splits = load_task(task, train_size=args.source_train_size)
+        train = splits["train"][: args.train_size]
+        if args.fusion_data == "fresh":
+            seen = set(splits["train"]["text"])
+            larger = load_task(task, train_size=args.source_train_size + args.train_size)["train"]
+            rows = [(t, y) for t, y in zip(larger["text"], larger["label"]) if t not in seen][: args.train_size]
+            train = {"text": [t for t, _ in rows], "label": [y for _, y in rows]}
         data[task] = {
-            "train": splits["train"][: args.train_size],
+            "train": train,
             "validation": splits["validation"][: args.validation_size],
             "test": splits["test"][: args.test_size],
         }
@@ -238,7 +246,8 @@ def cached_features(sources, data, args) -> tuple[dict[str, dict[str, dict[str, 
         for task, splits in data.items():
             for split in result:
                 texts = splits[split]["text"]
-                path = _features_path(name, spec, task, split, len(texts), args.bf16)
+                key = "train-fresh" if split == "train" and args.fusion_data == "fresh" else split
+                path = _features_path(name, spec, task, key, len(texts), args.bf16)
                 if not args.tiny and path.is_file():
                     flat = load_file(path)
                     with safe_open(str(path), "pt") as handle:
@@ -259,12 +268,11 @@ def cached_features(sources, data, args) -> tuple[dict[str, dict[str, dict[str, 
 
 
 # -- fusion: individual sources, AKF, simple fusion -------------------------------------------------------------------
-def _individual(features, data) -> dict[str, float]:
-    """Each source's own prediction (its head on its own features) on its task's texts."""
-    return {
-        task: float((features[task][task].logits.argmax(-1) == torch.tensor(data[task]["label"])).float().mean())
-        for task in data
-    }
+def _individual(sources, features, data, args) -> dict[str, float]:
+    """Each source's own prediction: the untrained AKF model, whose every task is its source's head on its source's
+    features (``logits_t = head_t(f_t + 0)``), on the cached features."""
+    model = FusedMultiTaskModel(sources, fusion_config("akf", sources, args)).eval()
+    return evaluate_fusion(model, data, features=features)
 
 
 def _train_one(kind: str, learning_rate: float, sources, features, data, args) -> tuple[FusedMultiTaskModel, dict]:
@@ -315,18 +323,25 @@ def _fusion_row(kind: str, sources, features, data, args, encode_seconds: float)
 
 
 def stage_fusion(sources, features, seconds, data, args) -> dict[str, Any]:
-    source_total = sum(p.numel() for s in sources.values() for p in s.parameters())
-    rows: dict[str, Any] = {
-        "individual": {
-            "test": _individual(features["test"], {t: d["test"] for t, d in data.items()}),
-            "validation": _individual(features["validation"], {t: d["validation"] for t, d in data.items()}),
+    # each source counted whole (as separate models), and the distinct parameters (the LoRA sources share SmolLM2)
+    per_source = sum(p.numel() for s in sources.values() for p in s.parameters())
+    source_total = sum(p.numel() for p in {id(p): p for s in sources.values() for p in s.parameters()}.values())
+    rows: dict[str, Any] = {}
+    if args.fusion_data == "source_train":
+        rows["individual"] = {
+            split: _individual(sources, features[split], {t: d[split] for t, d in data.items()}, args)
+            for split in ("test", "validation")
         }
-    }
+    suffix = "" if args.fusion_data == "source_train" else "_fresh"
     for kind in ("akf", "concat"):
-        rows[kind] = _fusion_row(kind, sources, features, data, args, seconds["train"])
-        rows[kind]["trainable_fraction"] = rows[kind]["trainable_parameters"] / source_total
-        logger.info("%s: %s", kind, rows[kind]["test"])
-    return {"rows": rows, "source_parameters": source_total, "encode_seconds": seconds}
+        row = rows[kind + suffix] = _fusion_row(kind, sources, features, data, args, seconds["train"])
+        row["trainable_fraction"] = row["trainable_parameters"] / source_total
+        logger.info("%s%s: %s", kind, suffix, row["test"])
+    return {
+        "rows": rows,
+        "source_parameters": {"distinct": source_total, "each_source_whole": per_source},
+        "encode_seconds": seconds,
+    }
 
 
 # -- weight merges of the same-architecture subsets -------------------------------------------------------------------
@@ -556,6 +571,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minilm-tasks", nargs="*", default=["movie_sentiment", "product_sentiment", "news"])
     parser.add_argument("--smollm-tasks", nargs="*", default=["tweet_sentiment", "subjectivity"])
     parser.add_argument("--train-size", type=int, default=600, help="fusion training examples per task (of the 600)")
+    parser.add_argument(
+        "--fusion-data", choices=("source_train", "fresh"), default="source_train",
+        help="fusion training data: the sources' own training examples, or as many of the pool they never saw",
+    )  # fmt: skip
     parser.add_argument("--validation-size", type=int, default=100)
     parser.add_argument("--test-size", type=int, default=300)
     parser.add_argument("--steps", type=int, default=1000, help="fusion training steps")
@@ -588,7 +607,7 @@ def _run_stages(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         sources = build_sources(folders, args)
         if args.stage in ("all", "encode", "fusion"):
             features, seconds = cached_features(sources, data, args)
-            if args.stage != "encode":
+            if args.stage != "encode":  # (--fusion-data fresh writes the part file fusion-fresh.json)
                 part = stage_fusion(sources, features, seconds, data, args)
                 result["rows"].update(part.pop("rows"))
                 result.update(part)
@@ -616,7 +635,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.tiny or args.stage == "encode":
         return result
     PARTS.mkdir(parents=True, exist_ok=True)
-    (PARTS / f"{args.stage}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    name = f"{args.stage}-fresh" if args.stage == "fusion" and args.fusion_data == "fresh" else args.stage
+    (PARTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return report(args) if args.stage == "all" else result
 
 
@@ -638,8 +658,8 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
 def report(args: argparse.Namespace) -> dict[str, Any]:
     """Merge the stage files into ``results/fusion.json`` and ``results/fusion.md``."""
     result: dict[str, Any] = {"tasks": args.tasks, "rows": {}}
-    order = ("individual", "akf", "concat", "weight_merge", "multitask_finetune")
-    for stage in ("all", "fusion", "merge", "multitask", "latency"):
+    order = ("individual", "akf", "concat", "weight_merge", "multitask_finetune", "akf_fresh", "concat_fresh")
+    for stage in ("all", "fusion", "fusion-fresh", "merge", "multitask", "latency"):
         path = PARTS / f"{stage}.json"
         if path.is_file():
             part = json.loads(path.read_text())
