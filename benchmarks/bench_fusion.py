@@ -13,9 +13,9 @@ Protocol:
   Every hyper-parameter is chosen on validation; every number reported is test accuracy.
 * Rows: each source alone (``individual``); AKF (``fusion="akf"``: 3 components per source, D=128, 1 intra + 1
   inter layer, 4 heads) and simple fusion (``fusion="concat"``: every task's head reads the concatenated head
-  features of all sources), both trained the same way: ``--steps`` steps of batch 16, AdamW, temperature sampling
-  (T=2), learning rate from ``LEARNING_RATES`` and the checkpoint (every ``steps/10``, step 0 = the sources
-  themselves included) with the best mean validation accuracy; the best weight merge of each same-architecture
+  features of all sources), both trained the same way: batches of 16, AdamW, temperature sampling (T=2); the
+  learning rate (``LEARNING_RATES``), the number of steps (``--steps``: 1,000 or 3,000) and the checkpoint (every
+  ``steps/10``, step 0 = the sources themselves included) with the best mean validation accuracy; the best weight merge of each same-architecture
   subset (the MiniLM fine-tunes; the SmolLM2 LoRA adapters), over the methods and settings of ``MERGE_GRID``,
   chosen on validation; one multi-task fine-tune of MiniLM on every task's 600 training examples (shared body, one
   head per task, the recipe of ``benchmarks.finetune``: 2 epochs of batch 16 at lr 1e-4; the checkpoint with the
@@ -275,11 +275,12 @@ def _individual(sources, features, data, args) -> dict[str, float]:
     return evaluate_fusion(model, data, features=features)
 
 
-def _train_one(kind: str, learning_rate: float, sources, features, data, args) -> tuple[FusedMultiTaskModel, dict]:
+def _train_one(kind: str, learning_rate: float, steps: int, sources, features, data, args):
+    """One fusion model trained ``steps`` steps at ``learning_rate``; returns it and its trial record."""
     model = FusedMultiTaskModel(sources, fusion_config(kind, sources, args))
     training = FusionTrainingArguments(
-        max_steps=args.steps, per_device_train_batch_size=16, learning_rate=learning_rate,
-        eval_steps=max(args.steps // 10, 1), disable_tqdm=True,
+        max_steps=steps, per_device_train_batch_size=16, learning_rate=learning_rate,
+        eval_steps=max(steps // 10, 1), disable_tqdm=True,
     )  # fmt: skip
     result = train_fusion(
         model,
@@ -292,29 +293,31 @@ def _train_one(kind: str, learning_rate: float, sources, features, data, args) -
     validation = next(h["eval"] for h in result.history if h["step"] == result.best_step)
     trial = {
         "learning_rate": learning_rate,
+        "steps": steps,
         "best_step": result.best_step,
         "validation": validation,
         "validation_mean": sum(validation.values()) / len(validation),
         "train_seconds": result.train_seconds,
     }
-    logger.info("%s lr=%g: best step %s, validation %.4f", kind, learning_rate, result.best_step, trial["validation_mean"])  # fmt: skip
+    logger.info("%s lr=%g steps=%d: best step %s, validation %.4f", kind, learning_rate, steps, result.best_step, trial["validation_mean"])  # fmt: skip
     return model, trial
 
 
 def _fusion_row(kind: str, sources, features, data, args, encode_seconds: float) -> dict[str, Any]:
-    """Train ``kind`` at every learning rate; keep the best on validation; score it on test."""
+    """Train ``kind`` at every (learning rate, steps) of the grid; keep the best on validation; score it on test."""
     best, trials = None, []
-    for learning_rate in LEARNING_RATES:
-        model, trial = _train_one(kind, learning_rate, sources, features, data, args)
-        trials.append(trial)
-        if best is None or trial["validation_mean"] > best[1]["validation_mean"]:
-            best = (model, trial)
+    for steps in args.steps:
+        for learning_rate in LEARNING_RATES:
+            model, trial = _train_one(kind, learning_rate, steps, sources, features, data, args)
+            trials.append(trial)
+            if best is None or trial["validation_mean"] > best[1]["validation_mean"]:
+                best = (model, trial)
     model, chosen = best
     test = evaluate_fusion(model, {t: d["test"] for t, d in data.items()}, features=features["test"])
     return {
         "test": test,
         "validation": chosen["validation"],
-        "config": {"learning_rate": chosen["learning_rate"], "best_step": chosen["best_step"], "steps": args.steps},
+        "config": {k: chosen[k] for k in ("learning_rate", "steps", "best_step")},
         "trainable_parameters": model.num_parameters(only_trainable=True),
         "train_seconds": encode_seconds + chosen["train_seconds"],
         "train_seconds_parts": {"encode_sources": encode_seconds, "fusion_steps": chosen["train_seconds"]},
@@ -577,7 +580,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--validation-size", type=int, default=100)
     parser.add_argument("--test-size", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=1000, help="fusion training steps")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1000, 3000], help="fusion training steps (grid)")
     parser.add_argument("--multitask-steps", type=int, default=None, help="default: 2 epochs of batch 16")
     parser.add_argument("--components", type=int, default=3)
     parser.add_argument("--fusion-dim", type=int, default=128)
@@ -593,7 +596,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tiny:
         args.minilm_tasks, args.smollm_tasks = ["movie_sentiment", "subjectivity"], ["tweet_sentiment", "news"]
         args.source_train_size, args.train_size, args.validation_size, args.test_size = 24, 24, 8, 8
-        args.steps, args.multitask_steps, args.fusion_dim, args.latency_texts = 10, 4, 32, 8
+        args.steps, args.multitask_steps, args.fusion_dim, args.latency_texts = [10], 4, 32, 8
         args.components, args.latency_repeats = 2, 1
     args.tasks = [*args.minilm_tasks, *args.smollm_tasks]
     return args
