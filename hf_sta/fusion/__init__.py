@@ -11,9 +11,10 @@ model(texts=["..."], task="sentiment").logits
 """
 
 from .config import FusionConfig
+from .loading import load_transformers_source, load_transformers_sources
 from .model import FusedMultiTaskModel, FusedOutput
 from .modules import AdaptiveKnowledgeFusion, ConcatFusion
-from .sources import FusionSource, ModuleSource, SourceOutput, TransformersSource, load_transformers_source
+from .sources import FusionSource, ModuleSource, SourceOutput, TransformersSource
 from .training import (
     FusionTrainingArguments,
     FusionTrainingResult,
@@ -39,5 +40,6 @@ __all__ = [
     "encode_dataset",
     "evaluate_fusion",
     "load_transformers_source",
+    "load_transformers_sources",
     "train_fusion",
 ]

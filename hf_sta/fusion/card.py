@@ -1,8 +1,9 @@
 """The model card of a fused model: ``model_cards/fused.md`` rendered with ``huggingface_hub.ModelCard``.
 
-Every source that is a Hub repo goes into ``base_model`` (a list); local folders and in-memory sources are listed in
-the card's Sources table only (the Hub rejects anything but repo ids in ``base_model``). An existing ``README.md`` is
-updated (its text outside the hf_sta section and its other metadata are kept), as for merged models.
+Every source that is a Hub repo (or, shipped, was copied from one) goes into ``base_model`` (a list); local folders
+and in-memory sources are listed in the card's Sources table only (the Hub rejects anything but repo ids in
+``base_model``). An existing ``README.md`` is updated (its text outside the hf_sta section and its other metadata are
+kept), as for merged models.
 """
 
 from __future__ import annotations
@@ -34,10 +35,17 @@ def fused_template_path() -> Path:
     raise FileNotFoundError(f"Model card template '{TEMPLATE_NAME}' not found in {package.parent / 'model_cards'}.")
 
 
+def _hub_origin(spec: dict[str, Any]) -> str | None:
+    """The Hub repo a source comes from: its reference, or for a shipped copy the reference it was shipped from."""
+    return hub_model_id(spec.get("origin") if spec.get("shipped") else spec.get("reference"))
+
+
 def _source_cell(spec: dict[str, Any]) -> str:
     reference = spec.get("reference")
     if spec.get("shipped"):
-        return f"shipped in `{md_escape(reference)}`"
+        origin = spec.get("origin")
+        shipped = f"shipped in `{md_escape(reference)}`"
+        return f"{shipped} (from {md_escape(origin)})" if origin else shipped
     repo_id = hub_model_id(reference)
     if repo_id is not None:
         return f"[{md_escape(repo_id)}](https://huggingface.co/{repo_id})"
@@ -47,11 +55,7 @@ def _source_cell(spec: dict[str, Any]) -> str:
 def render_fused_card(config: FusionConfig, model: FusedMultiTaskModel | None = None, title: str = "") -> ModelCard:
     from huggingface_hub import ModelCard, ModelCardData
 
-    base_models = [
-        repo
-        for spec in config.sources.values()
-        if not spec.get("shipped") and (repo := hub_model_id(spec.get("reference")))
-    ]
+    base_models = [repo for spec in config.sources.values() if (repo := _hub_origin(spec))]
     rows = []
     for task in config.tasks:
         spec = config.sources[task]

@@ -25,10 +25,18 @@ other sources and the earlier components know.
 **Simple fusion** (:class:`ConcatFusion`): ``logits_t = head_t([f_1; ...; f_S])``, ``head_t`` initialised to
 ``[0, ..., W_t, ..., 0], b_t`` (the same starting point), trained the same way.
 
-Inferred, not from the paper's text: the paper (Zhou et al., 2025) decomposes models into components at shared
-layer boundaries, fuses a task's components with a gated mixture (intra-task) and mixes tasks with self-attention
-(inter-task), stacking one AKF level per component level; here components of different models need not share
-structure (each gets its own projection), and the two stages are Transformer layers over component tokens.
+What the paper says and what is inferred here. Only the abstract of Zhou, Bao, Wang, Zhong and Zhang, *Efficient
+Multi-Task Modeling through Automated Fusion of Trained Models* (arXiv:2504.09812, 2025) and third-party summaries
+of it were reachable (no method text, equations or code in this project's search corpora): trained single-task
+models of different structures are decomposed hierarchically into operable components; a Transformer-based AKF
+module integrates intra-task knowledge (a mixture-of-experts style gate over one task's components) and inter-task
+knowledge (self-attention across tasks); AKF modules are stacked, one per component level; the experiments are on
+tabular recommendation data (Census-Income, Ali-CCP, AliExpress), and the models are assumed to share their layer
+structure. Inferred and chosen here, for text models that share nothing: each component gets its own projection (any
+width, any depth); the stacked per-level modules become two stages of Transformer layers over all component tokens
+(source-local attention, then full attention), with learned task queries in place of per-task gates; the fused
+signal is a zero-initialised residual on each task's own head input, so training starts from the sources'
+predictions (not from scratch) and the checkpoint chosen on validation can never be worse there than the sources.
 """
 
 from __future__ import annotations

@@ -19,16 +19,14 @@ from ``output_hidden_states``, the head features from a forward hook on the head
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +39,6 @@ __all__ = [
     "SourceOutput",
     "TransformersSource",
     "component_layers",
-    "load_transformers_source",
     "pool",
 ]
 
@@ -58,6 +55,12 @@ class SourceOutput:
         """The rows ``index`` of every tensor (for cached features)."""
         logits = None if self.logits is None else self.logits[index]
         return SourceOutput([c[index] for c in self.components], self.features[index], logits)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SourceOutput:
+        """Every tensor moved to ``device`` (what ``accelerate.utils.send_to_device`` calls)."""
+        move = lambda tensor: tensor.to(device, non_blocking=non_blocking)  # noqa: E731
+        logits = None if self.logits is None else move(self.logits)
+        return SourceOutput([move(c) for c in self.components], move(self.features), logits)
 
     @staticmethod
     def cat(outputs: Sequence[SourceOutput]) -> SourceOutput:
@@ -172,6 +175,8 @@ class TransformersSource(FusionSource):
         add_special_tokens: passed to the tokenizer.
         max_chars: cut each text to this many characters before the prompt is applied.
         reference: repo id or folder the model was loaded from (recorded in the fused model's config).
+        adapter_name: for a ``PeftModel`` holding several adapters (sources that share one base model), the adapter
+            this source is; it is activated (frozen) before every use.
     """
 
     def __init__(
@@ -187,10 +192,13 @@ class TransformersSource(FusionSource):
         add_special_tokens: bool = True,
         max_chars: int | None = None,
         reference: str | None = None,
+        adapter_name: str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.adapter_name = adapter_name
+        self._activate()
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -237,8 +245,14 @@ class TransformersSource(FusionSource):
     def _base(self) -> nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
+    def _activate(self) -> None:
+        """Make this source's adapter the active one of a shared ``PeftModel`` (frozen: ``inference_mode``)."""
+        if self.adapter_name is not None and self.model.active_adapter != self.adapter_name:
+            self.model.set_adapter(self.adapter_name, inference_mode=True)
+
     def head(self) -> nn.Linear | None:
         """A new ``nn.Linear`` equal to the source's head (copied: training it leaves the source unchanged)."""
+        self._activate()
         if self.mode == "answer":
             embedding = self._base().get_output_embeddings()
             bias = getattr(embedding, "bias", None)
@@ -276,7 +290,11 @@ class TransformersSource(FusionSource):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> SourceOutput:
         """Run the source once; ``components[k] = pool(hidden_states[layers[k]])`` (shapes ``(batch, d)``)."""
+        self._activate()
         if self._read_decoder:
+            if attention_mask is not None and "position_ids" not in kwargs:
+                # positions count real tokens only, so a left-padded text reads as it does unpadded
+                kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             out = self._base().get_decoder()(
                 input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs
             )
@@ -408,52 +426,3 @@ class ModuleSource(FusionSource):
             return SourceOutput(components, components[-1])
         logits = result if isinstance(result, torch.Tensor) else getattr(result, "logits", result[0])
         return SourceOutput(components, pool(captured[-1], mask, self.pooling), pool(logits, mask, self.pooling))
-
-
-# -- loading ----------------------------------------------------------------------------------------------------------
-def _auto_class(architectures: Sequence[str] | None):
-    import transformers
-
-    name = (architectures or [""])[0]
-    if name.endswith("ForSequenceClassification"):
-        return transformers.AutoModelForSequenceClassification
-    if name.endswith("ForCausalLM"):
-        return transformers.AutoModelForCausalLM
-    return transformers.AutoModel
-
-
-def load_transformers_source(
-    reference: str | os.PathLike, *, task: str, load_kwargs: Mapping[str, Any] | None = None, **options: Any
-) -> TransformersSource:
-    """Load a folder or Hub repo (a full checkpoint or a PEFT adapter) as a :class:`TransformersSource`.
-
-    The model class follows ``config.architectures`` (``*ForSequenceClassification``, ``*ForCausalLM``, else
-    ``AutoModel``); an adapter loads its ``base_model_name_or_path`` first. ``trust_remote_code`` is always ``False`` (passed explicitly, so that transformers refuses custom code instead of asking on stdin).
-
-    Raises:
-        CheckpointError: naming ``task`` and ``reference`` when neither a model nor an adapter can be loaded.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    text = os.fspath(reference)
-    kwargs = {"dtype": torch.float32, "trust_remote_code": False, **(load_kwargs or {})}
-    try:
-        adapter = Path(text).is_dir() and (Path(text) / "adapter_config.json").is_file()
-        if adapter:
-            from peft import PeftConfig, PeftModel
-
-            peft_config = PeftConfig.from_pretrained(text)
-            base_ref = peft_config.base_model_name_or_path
-            base_config = AutoConfig.from_pretrained(base_ref, trust_remote_code=False)
-            base = _auto_class(base_config.architectures).from_pretrained(base_ref, **kwargs)
-            model = PeftModel.from_pretrained(base, text)
-            tokenizer_ref = text if (Path(text) / "tokenizer_config.json").is_file() else base_ref
-        else:
-            config = AutoConfig.from_pretrained(text, trust_remote_code=False)
-            model = _auto_class(config.architectures).from_pretrained(text, **kwargs)
-            tokenizer_ref = text
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"Source of task {task!r} could not be loaded from {text!r}: {err}") from err
-    model.eval()
-    return TransformersSource(model, tokenizer, reference=text, **options)

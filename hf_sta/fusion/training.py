@@ -10,7 +10,8 @@ Only parameters with ``requires_grad`` train (the fusion module and heads, plus 
 
 The sources are frozen and run in eval mode, so their outputs for a text never change: with ``cache_features=True``
 (default, and only when no source parameter trains) every text runs through the sources once and the steps reuse the
-cached :class:`~hf_sta.fusion.sources.SourceOutput`, which makes a step cost the fusion module only.
+cached :class:`~hf_sta.fusion.sources.SourceOutput`, which makes a step cost the fusion module only. The loop runs
+through ``accelerate`` (CPU, one GPU, or several processes with ``accelerate launch``).
 """
 
 from __future__ import annotations
@@ -198,6 +199,86 @@ def _trainable_state(model: FusedMultiTaskModel) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _default_accelerator():
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # a step trains one task: the other tasks' heads get no gradient, which DDP must be told about
+    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+class _Evaluator:
+    """Evaluates on ``eval_data`` (every process computes the same scores), records the history and keeps the
+    trainable weights with the best mean accuracy."""
+
+    def __init__(self, model: FusedMultiTaskModel, eval_data, args: FusionTrainingArguments, features) -> None:
+        self.model, self.data, self.args, self.features = model, eval_data, args, features
+        self.history: list[dict[str, Any]] = []
+        self.best: tuple[float, int | None, dict[str, torch.Tensor] | None] = (-1.0, None, None)
+
+    def __call__(self, step: int, loss: float | None) -> None:
+        scores = evaluate_fusion(self.model, self.data, self.args, self.features)
+        self.history.append({"step": step, "loss": loss, "eval": scores})
+        mean = sum(scores.values()) / len(scores)
+        logger.info("step %d: eval %s (mean %.4f)", step, scores, mean)
+        if mean > self.best[0]:
+            self.best = (mean, step, _trainable_state(self.model))
+
+    def restore_best(self) -> int | None:
+        """Copy the best weights back into the model; returns their step."""
+        _, step, state = self.best
+        if state is not None:
+            with torch.no_grad():
+                for name, param in self.model.named_parameters():
+                    if name in state:
+                        param.copy_(state[name])
+        return step
+
+
+def _encode_splits(model, columns, eval_data, args, train_features, eval_features):
+    """The frozen sources' outputs for every training and evaluation text (skipped for those given)."""
+
+    def encode(texts):
+        return encode_dataset(model, texts, args.per_device_eval_batch_size, args.disable_tqdm)
+
+    if train_features is None:
+        train_features = {task: encode(texts) for task, (texts, _) in columns.items()}
+    if eval_data and eval_features is None:
+        eval_features = {t: encode(_columns(rows, args, t)[0]) for t, rows in eval_data.items()}
+    return train_features, eval_features
+
+
+def _batches(columns, args: FusionTrainingArguments, seed: int, features) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(task, {"labels", "features" or "texts"})`` forever, tasks drawn by :class:`MultiTaskSampler`."""
+    sizes = {task: len(texts) for task, (texts, _) in columns.items()}
+    sampler = MultiTaskSampler(
+        sizes,
+        batch_size=args.per_device_train_batch_size,
+        sampling=args.sampling,
+        temperature=args.temperature,
+        seed=seed,
+    )
+    for task, rows in sampler:
+        texts, labels = columns[task]
+        index = torch.tensor(rows)
+        if features is not None:
+            yield task, {"labels": labels[index], "features": {n: o.select(index) for n, o in features[task].items()}}
+        else:
+            yield task, {"labels": labels[index], "texts": [texts[i] for i in rows]}
+
+
+def _train_step(prepared, accelerator, optimization, trainable, args: FusionTrainingArguments, **batch) -> float:
+    """One optimisation step on one task's batch; returns its loss."""
+    optimizer, schedule = optimization
+    out = prepared(**batch)
+    accelerator.backward(out.loss)
+    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out.loss.item()
+
+
 def train_fusion(
     model: FusedMultiTaskModel,
     train_data: Mapping[str, Any],
@@ -206,84 +287,55 @@ def train_fusion(
     *,
     train_features: Mapping[str, Mapping[str, SourceOutput]] | None = None,
     eval_features: Mapping[str, Mapping[str, SourceOutput]] | None = None,
+    accelerator: Any = None,
 ) -> FusionTrainingResult:
     """Train ``model``'s trainable parameters on ``{task: rows}`` (``datasets.Dataset`` or dict of columns).
 
-    Returns the step count, wall times (feature encoding apart from the steps) and the evaluation history
-    (``{"step", "loss", "eval": {task: accuracy}}``); with ``load_best_model_at_end`` the best evaluated weights
-    are restored. ``train_features`` / ``eval_features`` (``{task: encode_dataset(...)}``, e.g. cached on disk) skip
-    the encoding.
+    The loop runs through ``accelerate`` (``accelerator``, default ``Accelerator()`` with
+    ``find_unused_parameters=True``): the same code trains on CPU, one GPU or several processes (``accelerate
+    launch``; each process draws its own tasks and batches, gradients are averaged). Returns the step count, wall
+    times (feature encoding apart from the steps) and the evaluation history (``{"step", "loss", "eval": {task:
+    accuracy}}``); with ``load_best_model_at_end`` the best evaluated weights are restored. ``train_features`` /
+    ``eval_features`` (``{task: encode_dataset(...)}``, e.g. cached on disk) skip the encoding.
     """
     args = args or FusionTrainingArguments()
     unknown = sorted(set(train_data) - set(model.tasks)) + sorted(set(eval_data or {}) - set(model.tasks))
     if unknown:
         raise ConfigError(f"Data given for task(s) {unknown}, which the model does not have ({model.tasks}).")
     columns = {task: _columns(rows, args, task) for task, rows in train_data.items()}
+    accelerator = accelerator or _default_accelerator()
+    model.to(accelerator.device)
     cache = args.cache_features and not any(p.requires_grad for p in model.sources.parameters())
     started = time.perf_counter()
     if cache:
-        encode = lambda texts: encode_dataset(model, texts, args.per_device_eval_batch_size, args.disable_tqdm)  # noqa: E731
-        if train_features is None:
-            train_features = {task: encode(texts) for task, (texts, _) in columns.items()}
-        if eval_data and eval_features is None:
-            eval_features = {t: encode(_columns(rows, args, t)[0]) for t, rows in eval_data.items()}
-    encode_seconds = time.perf_counter() - started
-    result = FusionTrainingResult(steps=0, train_seconds=0.0, encode_seconds=encode_seconds)
-    best = (-1.0, None, None)
-
-    def evaluate(step: int, loss: float | None) -> None:
-        nonlocal best
-        scores = evaluate_fusion(model, eval_data, args, eval_features)
-        result.history.append({"step": step, "loss": loss, "eval": scores})
-        mean = sum(scores.values()) / len(scores)
-        logger.info("step %d: eval %s (mean %.4f)", step, scores, mean)
-        if mean > best[0]:
-            best = (mean, step, _trainable_state(model))
-
+        train_features, eval_features = _encode_splits(model, columns, eval_data, args, train_features, eval_features)
+    result = FusionTrainingResult(steps=0, train_seconds=0.0, encode_seconds=time.perf_counter() - started)
+    evaluate = _Evaluator(model, eval_data, args, eval_features if cache else None)
     optimizer, schedule = _optimizer(model, args)
-    sampler = iter(
-        MultiTaskSampler(
-            {t: len(c[0]) for t, c in columns.items()},
-            batch_size=args.per_device_train_batch_size,
-            sampling=args.sampling,
-            temperature=args.temperature,
-            seed=args.seed,
-        )
-    )
+    # the schedule is stepped here, once per step: prepared, accelerate would step it once per process
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    # each process draws its own tasks and batches
+    sampler = _batches(columns, args, args.seed + accelerator.process_index, train_features if cache else None)
     started = time.perf_counter()
     if eval_data and args.eval_steps:
         evaluate(0, None)
-    model.train()
+    prepared.train()
     torch.manual_seed(args.seed)
-    progress = tqdm(range(1, args.max_steps + 1), desc="fusion training", disable=args.disable_tqdm)
+    disable = args.disable_tqdm or not accelerator.is_local_main_process
+    progress = tqdm(range(1, args.max_steps + 1), desc="fusion training", disable=disable)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for step in progress:
-        task, rows = next(sampler)
-        texts, labels = columns[task]
-        index = torch.tensor(rows)
-        if cache:
-            out = model(
-                task=task, labels=labels[index], features={n: o.select(index) for n, o in train_features[task].items()}
-            )
-        else:
-            out = model(texts=[texts[i] for i in rows], task=task, labels=labels[index])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(task=task, loss=f"{out.loss.item():.3f}")
+        task, batch = next(sampler)
+        loss = _train_step(prepared, accelerator, (optimizer, schedule), trainable, args, task=task, **batch)
+        progress.set_postfix(task=task, loss=f"{loss:.3f}")
         if eval_data and args.eval_steps and step % args.eval_steps == 0 and step != args.max_steps:
-            evaluate(step, out.loss.item())
-            model.train()
+            evaluate(step, loss)
+            prepared.train()
     if eval_data:
-        evaluate(args.max_steps, out.loss.item())
-    if eval_data and args.load_best_model_at_end and best[2] is not None:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in best[2]:
-                    param.copy_(best[2][name])
-        result.best_step = best[1]
+        evaluate(args.max_steps, loss)
+        if args.load_best_model_at_end:
+            result.best_step = evaluate.restore_best()
     model.eval()
-    result.steps, result.train_seconds = args.max_steps, time.perf_counter() - started
+    result.steps, result.history = args.max_steps, evaluate.history
+    result.train_seconds = time.perf_counter() - started
     return result
