@@ -26,6 +26,7 @@ _LAZY_ATTRIBUTES = {
     "finetune": "loop",
     "make_optimizer": "loop",
     "text_classification_collator": "loop",
+    "training_step": "loop",
 }
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "restore",
     "sam_perturbation",
     "text_classification_collator",
+    "training_step",
 ]
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
         finetune,
         make_optimizer,
         text_classification_collator,
+        training_step,
     )
     from .sam import SAM, perturb, restore, sam_perturbation
     from .trainer import SAMTrainer
