@@ -21,8 +21,8 @@ Protocol (quoted in the README):
   and this process's CPU time), medians of the per-round ratios.
 
 ``python -m benchmarks.bench_sam --part rho`` then ``--part merge`` (3 seeds) and ``--part cost``. Results:
-``benchmarks/results/sam.json`` (summary) and ``benchmarks/results/sam/`` (rho choice, each optimizer and seed,
-cost). ``--tiny`` runs every part on a tiny BERT built from a config (seconds), under ``--work-dir``.
+``benchmarks/results/sam.json`` (summary) and ``benchmarks/results/sam/`` (``rho.json``: the choice;
+``<optimizer>[<rho>]-s<seed>.json``: each set of fine-tunes; ``cost.json``). ``--tiny`` runs every part on a tiny BERT built from a config (seconds), under ``--work-dir``.
 """
 
 from __future__ import annotations
@@ -225,7 +225,8 @@ def run_set(
         "scoring": "bf16 autocast" if suite.bf16 else "fp32",
         "split_limits": dict(suite.split_limits),
     }
-    rows = _SetRows(settings["results"] / f"{optimizer}-s{seed}.json", protocol)
+    name = optimizer if suite.rho is None else f"{optimizer}{suite.rho:g}"
+    rows = _SetRows(settings["results"] / f"{name}-s{seed}.json", protocol)
     if "individual" not in rows.extra:
         rows.extra["individual"] = {"test": suite.individual("test"), "validation": suite.individual("validation")}
         rows.extra["fine_tunes"] = fine_tune_record(suite)
