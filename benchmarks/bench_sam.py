@@ -461,6 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(args.num_threads)
     settings = _settings(args)
+    settings["results"].mkdir(parents=True, exist_ok=True)
     tasks = TINY["tasks"] if args.tiny else list(TASKS)
     methods = args.methods or (TINY["methods"] if args.tiny else DEFAULT_METHODS)
     summary_path = (settings["results"].parent if args.tiny else RESULTS) / "sam.json"
@@ -473,6 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
         task = tasks[0] if args.tiny else args.cost_task
         result["cost"] = step_cost(base, task, _chosen_rho(args, settings), steps, rounds, settings)
         (settings["results"] / "cost.json").write_text(json.dumps(result["cost"], indent=2) + "\n")
+        logger.info("time per step over AdamW's: %s", result["cost"]["ratios"])
     if args.part in ("merge", "all"):
         rhos = _chosen_rho(args, settings)
         sets = {o: [run_set(o, rhos.get(o), s, tasks, methods, settings) for s in args.seeds] for o in args.optimizers}
