@@ -115,9 +115,11 @@ def fine_tune_record(suite: TaskSuite) -> dict[str, dict]:
     record = {}
     for task, folder in suite.model_dirs.items():
         info = read_finetune_info(folder)
+        steps = info.get("steps") or info["epochs"] * math.ceil(info["train_examples"] / info["batch_size"])
         record[task] = {
             "folder": folder.name,
-            "seconds_per_step": info.get("seconds_per_step", info["train_seconds"] / max(info.get("steps", 1), 1)),
+            "steps": steps,
+            "seconds_per_step": info["train_seconds"] / steps,  # wall time: other jobs share the CPU (not a ratio)
             "validation_accuracy": info["validation_accuracy"],
             "test_accuracy": info["test_accuracy"],
         }
@@ -227,9 +229,9 @@ def run_set(
     }
     name = optimizer if suite.rho is None else f"{optimizer}{suite.rho:g}"
     rows = _SetRows(settings["results"] / f"{name}-s{seed}.json", protocol)
+    rows.extra["fine_tunes"] = fine_tune_record(suite)  # read again each run (records only)
     if "individual" not in rows.extra:
         rows.extra["individual"] = {"test": suite.individual("test"), "validation": suite.individual("validation")}
-        rows.extra["fine_tunes"] = fine_tune_record(suite)
         rows.save()
     if "interference" not in rows.extra:
         rows.extra["interference"] = interference(suite)
