@@ -7,7 +7,11 @@ later calls with the same hyperparameters return the cached folder without train
 
 Recipe: all weights train (embeddings, 6 encoder layers, pooler, head), AdamW at learning rate 1e-4 (weight decay
 0.01, none on biases and LayerNorm), linear warmup over the first 10% of steps then linear decay, gradient clipping at 1.0, dropout
-as in the checkpoint config (0.1), dynamic padding, truncation at ``max_length`` tokens. The split comes from
+as in the checkpoint config (0.1), dynamic padding, truncation at ``max_length`` tokens. The loop is
+:func:`hf_sta.training.finetune`, the one users call: ``optimizer="sam"`` / ``"asam"`` (radius ``rho``, default 0.05 /
+0.5) makes every step a sharpness-aware one around the same AdamW; those fine-tunes are cached under
+``minilm-<task>-<optimizer><rho>-s<seed>-<hash>/``. The AdamW folders keep the names (hashes) and weights they had
+before the shared loop existed (``tests/test_benchmarks_finetune.py``). The split comes from
 ``benchmarks.tasks.load_task(task, train_size=...)`` with its canonical split seed 0; ``seed`` only drives the head
 initialisation, dropout and the batch order, so different seeds see the same examples. Given the seed the run is
 deterministic (on one machine and thread count). The defaults (2 epochs of batch 16, lr 1e-4) were picked on the
@@ -34,7 +38,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from benchmarks.tasks import ALL_TASKS, TASKS, cache_root, label_names, load_task, package_dir
+from hf_sta.training import FinetuneConfig, text_classification_collator
+from hf_sta.training import finetune as shared_finetune
 
 if TYPE_CHECKING:
     import datasets
@@ -88,9 +93,26 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
 
 
 def _hyperparameters(
-    task: str, seed: int, epochs: int, lr: float, batch_size: int, max_length: int, train_size: int
+    task: str,
+    seed: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    train_size: int,
+    optimizer: str = "adamw",
+    rho: float | None = None,
+    base_model: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
+    """What the cache key hashes. AdamW runs of MiniLM hash exactly the fields they hashed before SAM existed (same
+    folders); SAM / ASAM runs add ``optimizer``, the resolved ``rho`` and ASAM's ``eta``; another base (a tiny BERT
+    for ``--tiny`` runs) replaces ``base_model`` by its resolved path."""
+    sharpness = {}
+    if optimizer != "adamw":
+        config = FinetuneConfig(optimizer=optimizer, rho=rho)
+        sharpness = {"optimizer": optimizer, "rho": config.resolved_rho, "eta": config.eta}
     return {
+        **sharpness,
         "task": task,
         "seed": seed,
         "epochs": epochs,
@@ -102,7 +124,7 @@ def _hyperparameters(
         "weight_decay": WEIGHT_DECAY,
         "warmup_ratio": WARMUP_RATIO,
         "max_grad_norm": MAX_GRAD_NORM,
-        "base_model": BASE_MODEL_PACKAGE,
+        "base_model": BASE_MODEL_PACKAGE if base_model is None else str(Path(base_model).resolve()),
         "recipe_version": _RECIPE_VERSION,
     }
 
@@ -117,11 +139,18 @@ def finetuned_dir(
     max_length: int = 128,
     train_size: int = 600,
     cache_dir: str | os.PathLike | None = None,
+    optimizer: str = "adamw",
+    rho: float | None = None,
+    base_model: str | os.PathLike | None = None,
 ) -> Path:
-    """Where :func:`finetune` caches (or would cache) this run: ``minilm-<task>-s<seed>-<8 hex of the hparams>``."""
-    hyperparameters = _hyperparameters(task, seed, epochs, lr, batch_size, max_length, train_size)
+    """Where :func:`finetune` caches (or would cache) this run: ``minilm-<task>-s<seed>-<8 hex of the hparams>``
+    (AdamW), ``minilm-<task>-<optimizer><rho>-s<seed>-<8 hex>`` (SAM / ASAM)."""
+    hyperparameters = _hyperparameters(
+        task, seed, epochs, lr, batch_size, max_length, train_size, optimizer, rho, base_model
+    )
     digest = hashlib.sha256(json.dumps(hyperparameters, sort_keys=True).encode()).hexdigest()[:8]
-    return Path(cache_dir or default_cache_dir()).expanduser() / f"minilm-{task}-s{seed}-{digest}"
+    kind = "" if optimizer == "adamw" else f"{optimizer}{hyperparameters['rho']:g}-"
+    return Path(cache_dir or default_cache_dir()).expanduser() / f"minilm-{task}-{kind}s{seed}-{digest}"
 
 
 def finetune(
@@ -136,17 +165,26 @@ def finetune(
     cache_dir: str | os.PathLike | None = None,
     num_threads: int | None = None,
     show_progress: bool = True,
+    optimizer: str = "adamw",
+    rho: float | None = None,
+    base_model: str | os.PathLike | None = None,
 ) -> Path:
     """Fully fine-tune MiniLM on ``task`` and return the cached model folder (trains only if it is not cached).
 
-    The folder holds ``model.safetensors`` + ``config.json`` (with the task's ``id2label``), the tokenizer and
-    ``hf_sta_finetune.json`` (hyperparameters, training time, validation and test accuracy). It is written to a
-    temporary folder beside it and renamed into place, so a folder that exists is complete.
+    ``optimizer`` is ``"adamw"``, ``"sam"`` or ``"asam"`` (:class:`hf_sta.training.FinetuneConfig`; ``rho=None``
+    takes the authors' default). ``base_model``: another BERT checkpoint folder to start from (default MiniLM). The
+    folder holds ``model.safetensors`` + ``config.json`` (with the task's
+    ``id2label``), the tokenizer and ``hf_sta_finetune.json`` (hyperparameters, training time and time per step,
+    validation and test accuracy). It is written to a temporary folder beside it and renamed into place, so a folder
+    that exists is complete.
     """
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     names = label_names(task)
+    hyperparameters = _hyperparameters(
+        task, seed, epochs, lr, batch_size, max_length, train_size, optimizer, rho, base_model
+    )
+    base = Path(base_model) if base_model is not None else minilm_path()
     output_dir = finetuned_dir(
         task,
         seed=seed,
@@ -156,97 +194,88 @@ def finetune(
         max_length=max_length,
         train_size=train_size,
         cache_dir=cache_dir,
+        optimizer=optimizer,
+        rho=rho,
+        base_model=base_model,
     )
     if (output_dir / INFO_FILE).is_file():
         logger.info("Using cached fine-tune %s", output_dir)
         return output_dir
 
     splits = load_task(task, train_size=train_size)
-    train_texts, train_labels = splits["train"]["text"], splits["train"]["label"]
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    rows = [{"text": text, "label": label} for text, label in zip(splits["train"]["text"], splits["train"]["label"])]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    config = FinetuneConfig(
+        optimizer=optimizer,
+        rho=rho,
+        learning_rate=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        weight_decay=WEIGHT_DECAY,
+        warmup_ratio=WARMUP_RATIO,
+        max_grad_norm=MAX_GRAD_NORM,
+        seed=seed,
+    )
     with torch_threads(num_threads):
         torch.manual_seed(seed)  # head initialisation and dropout
         model = AutoModelForSequenceClassification.from_pretrained(
-            minilm_path(),
+            base,
             num_labels=len(names),
             id2label=dict(enumerate(names)),
             label2id={name: i for i, name in enumerate(names)},
         )
-        no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-        decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-        )
-        steps_per_epoch = -(-len(train_texts) // batch_size)
-        total_steps = epochs * steps_per_epoch
-        scheduler = get_linear_schedule_with_warmup(optimizer, round(WARMUP_RATIO * total_steps), total_steps)
-        generator = torch.Generator().manual_seed(seed)
-        labels_tensor = torch.tensor(train_labels)
-
         logger.info(
-            "Fine-tuning MiniLM on %s: %d examples, %d epochs, %d steps, lr %g, seed %d, %d threads",
+            "Fine-tuning MiniLM on %s with %s (rho %s): %d examples, seed %d, %d threads",
             task,
-            len(train_texts),
-            epochs,
-            total_steps,
-            lr,
+            optimizer,
+            config.resolved_rho,
+            len(rows),
             seed,
             torch.get_num_threads(),
         )
-        start = time.perf_counter()
-        model.train()
-        progress = tqdm(total=total_steps, desc=f"fine-tuning {task}", unit="step", disable=not show_progress)
-        for epoch in range(epochs):
-            order = torch.randperm(len(train_texts), generator=generator).tolist()
-            running_loss = 0.0
-            for step in range(steps_per_epoch):
-                batch_indices = order[step * batch_size : (step + 1) * batch_size]
-                inputs = tokenizer(
-                    [train_texts[i] for i in batch_indices],
-                    padding=True,
-                    truncation=True,
-                    max_length=max_length,
-                    return_tensors="pt",
-                )
-                loss = model(**inputs, labels=labels_tensor[batch_indices]).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                running_loss += loss.item()
-                progress.update(1)
-            logger.info(
-                "%s epoch %d/%d: mean train loss %.4f (%.0f s)",
-                task,
-                epoch + 1,
-                epochs,
-                running_loss / steps_per_epoch,
-                time.perf_counter() - start,
-            )
-        progress.close()
-        train_seconds = time.perf_counter() - start
-
+        result = shared_finetune(
+            model,
+            rows,
+            text_classification_collator(tokenizer, max_length=max_length),
+            config,
+            show_progress=show_progress,
+        )
         validation_accuracy = evaluate_accuracy(model, splits["validation"], tokenizer, max_length=max_length)
         test_accuracy = evaluate_accuracy(model, splits["test"], tokenizer, max_length=max_length)
     logger.info(
-        "%s: trained in %.0f s; validation accuracy %.4f, test accuracy %.4f",
+        "%s (%s): trained in %.0f s (%.2f s/step); validation accuracy %.4f, test accuracy %.4f",
         task,
-        train_seconds,
+        optimizer,
+        result.train_seconds,
+        result.seconds_per_step,
         validation_accuracy,
         test_accuracy,
     )
 
     info = {
-        **_hyperparameters(task, seed, epochs, lr, batch_size, max_length, train_size),
+        **hyperparameters,
+        "optimizer": optimizer,
+        "rho": config.resolved_rho,
         "label_names": names,
-        "train_examples": len(train_texts),
-        "train_seconds": round(train_seconds, 1),
+        "train_examples": len(rows),
+        "train_seconds": round(result.train_seconds, 1),
+        "steps": result.steps,
+        "seconds_per_step": result.seconds_per_step,
+        "epoch_losses": result.epoch_losses,
         "num_threads": torch.get_num_threads() if num_threads is None else num_threads,
         "validation_accuracy": validation_accuracy,
         "test_accuracy": test_accuracy,
         "torch_version": torch.__version__,
     }
+    _write_atomically(output_dir, model, tokenizer, info)
+    return output_dir
+
+
+def _write_atomically(
+    output_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, info: dict[str, Any]
+) -> None:
+    """Save into a temporary folder beside ``output_dir`` and rename it into place (a concurrent writer that finished
+    first wins)."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
     try:
@@ -261,7 +290,6 @@ def finetune(
             logger.info("%s was written concurrently; keeping that copy", output_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return output_dir
 
 
 def read_finetune_info(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -389,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=DEFAULT_LEARNING_RATE)
     parser.add_argument("--train-size", type=int, default=600)
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "sam", "asam"))
+    parser.add_argument("--rho", type=float, default=None, help="SAM / ASAM radius (default 0.05 / 0.5)")
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
@@ -405,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
             train_size=args.train_size,
             cache_dir=args.cache_dir,
             num_threads=args.num_threads,
+            optimizer=args.optimizer,
+            rho=args.rho,
         )
         info = read_finetune_info(model_dir)
         baseline = evaluate_with_body(model_dir, base_body, num_threads=args.num_threads)

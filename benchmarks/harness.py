@@ -46,6 +46,13 @@ class TaskSuite:
     show_progress: bool = False
     split_limits: Mapping[str, int] = field(default_factory=dict)
     """Score only the first ``n`` examples of a split (``{"test": 200}``); the benchmarks use every example."""
+    optimizer: str = "adamw"
+    """How the fine-tunes were trained: ``adamw``, ``sam`` or ``asam`` (``benchmarks.finetune``)."""
+    rho: float | None = None
+    base_model: Path | None = None
+    """The checkpoint fine-tuned and merged onto (default MiniLM; a tiny BERT in ``--tiny`` runs)."""
+    cache_dir: Path | None = None
+    """Root of the fine-tune and importance caches (default ``cache_root()``)."""
     model_dirs: dict[str, Path] = field(default_factory=dict)
     heads: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     data: dict[str, object] = field(default_factory=dict)
@@ -58,7 +65,15 @@ class TaskSuite:
         for task in self.tasks:
             started = time.perf_counter()
             self.model_dirs[task] = finetune(
-                task, seed=self.seed, train_size=self.train_size, epochs=self.epochs, show_progress=self.show_progress
+                task,
+                seed=self.seed,
+                train_size=self.train_size,
+                epochs=self.epochs,
+                show_progress=self.show_progress,
+                optimizer=self.optimizer,
+                rho=self.rho,
+                base_model=self.base_model,
+                cache_dir=self.cache_root / "finetuned",
             )
             state = load_file(self.model_dirs[task] / "model.safetensors")
             self.heads[task] = (state["classifier.weight"], state["classifier.bias"])
@@ -93,17 +108,28 @@ class TaskSuite:
         return self._splits[key]
 
     @torch.inference_mode()
-    def accuracy(self, body: torch.nn.Module, task: str, split: str = "test") -> float:
-        """Accuracy of ``body`` (a ``BertModel``) with ``task``'s head on ``split``."""
+    def logits(self, body: torch.nn.Module, task: str, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [N, classes] fp32, labels [N])`` of ``body`` (a ``BertModel``) with ``task``'s head on ``split``
+        (examples in order of length)."""
         weight, bias = self.heads[task]
         body.eval()
-        correct = 0
-        data = self._split(task, split)
+        logits, labels = [], []
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            for inputs, labels in data.batches:
+            for inputs, batch_labels in self._split(task, split).batches:
                 pooled = body(**inputs).pooler_output.float()
-                correct += int(((pooled @ weight.T + bias).argmax(-1) == labels).sum())
-        return correct / data.size
+                logits.append(pooled @ weight.T + bias)
+                labels.append(batch_labels)
+        return torch.cat(logits), torch.cat(labels)
+
+    def accuracy(self, body: torch.nn.Module, task: str, split: str = "test") -> float:
+        """Accuracy of ``body`` (a ``BertModel``) with ``task``'s head on ``split``."""
+        logits, labels = self.logits(body, task, split)
+        return int((logits.argmax(-1) == labels).sum()) / len(labels)
+
+    def loss(self, body: torch.nn.Module, task: str, split: str = "validation") -> float:
+        """Mean cross-entropy of ``body`` with ``task``'s head on ``split``."""
+        logits, labels = self.logits(body, task, split)
+        return float(torch.nn.functional.cross_entropy(logits, labels))
 
     def evaluate(self, body: torch.nn.Module, split: str = "test", tasks: Sequence[str] | None = None) -> dict:
         return {task: self.accuracy(body, task, split) for task in (tasks or self.tasks)}
@@ -121,12 +147,22 @@ class TaskSuite:
     def base_body(self) -> torch.nn.Module:
         from transformers import BertModel
 
-        return BertModel.from_pretrained(minilm_path())
+        return BertModel.from_pretrained(self.base_path)
+
+    @property
+    def base_path(self) -> Path:
+        return self.base_model or minilm_path()
+
+    @property
+    def cache_root(self) -> Path:
+        return self.cache_dir or cache_root()
 
     def merger(self, tasks: Sequence[str] | None = None) -> STAMerger:
-        # the offline package is a copy of this Hub repo: the cards of what the benchmarks write name it as the base
         models = {t: self.model_dirs[t] for t in (tasks or self.tasks)}
-        return STAMerger.from_pretrained(minilm_path(), models, hub_ids={"base_model": MINILM_REPO_ID})
+        if self.base_model is not None:  # a tiny BERT of a --tiny run: no Hub repo to name
+            return STAMerger.from_pretrained(self.base_path, models)
+        # the offline package is a copy of this Hub repo: the cards of what the benchmarks write name it as the base
+        return STAMerger.from_pretrained(self.base_path, models, hub_ids={"base_model": MINILM_REPO_ID})
 
     def calibration(self, task: str, num_samples: int):
         """The first ``num_samples`` training examples of ``task`` (its own data), as a ``datasets.Dataset``."""
@@ -137,7 +173,7 @@ class TaskSuite:
         """``merger.compute_importance`` on the task's first ``num_samples`` training examples, cached on disk by
         model hash, metric and sample count (the scores are a pure function of those)."""
         vector = merger.task_vectors[task]
-        path = cache_root() / "importance" / f"{task}-{vector.model_hash}-{metric}-{num_samples}.safetensors"
+        path = self.cache_root / "importance" / f"{task}-{vector.model_hash}-{metric}-{num_samples}.safetensors"
         if path.is_file():
             merger.load_importance(task, path)
             return

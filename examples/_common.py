@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -159,57 +158,61 @@ def new_classifier(base: str | Path, task: str, seed: int) -> PreTrainedModel:
 
 
 def train_classifier(
-    model: PreTrainedModel, data: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, settings: Settings, seed: int
+    model: PreTrainedModel,
+    data: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: Settings,
+    seed: int,
+    optimizer: str = "adamw",
+    rho: float | None = None,
 ) -> PreTrainedModel:
-    """Fine-tune all weights on ``data`` (text/label) with the recipe of ``benchmarks.finetune``: AdamW (weight
-    decay 0.01, none on biases/LayerNorm), 10% linear warmup then linear decay, clipping at 1.0, shuffled batches."""
-    from transformers import get_linear_schedule_with_warmup
+    """Fine-tune all weights on ``data`` (text/label) with the recipe of ``benchmarks.finetune``, through the shared
+    loop :func:`hf_sta.training.finetune`: AdamW (weight decay 0.01, none on biases/LayerNorm), 10% linear warmup then
+    linear decay, clipping at 1.0, shuffled batches; ``optimizer="sam"`` / ``"asam"`` makes each step sharpness-aware
+    (``rho``: default 0.05 / 0.5)."""
+    from hf_sta.training import FinetuneConfig, finetune, text_classification_collator
 
-    texts, labels = list(data["text"]), torch.tensor(data["label"])
-    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr
+    config = FinetuneConfig(
+        optimizer=optimizer,
+        rho=rho,
+        learning_rate=settings.lr,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        weight_decay=WEIGHT_DECAY,
+        warmup_ratio=WARMUP_RATIO,
+        max_grad_norm=MAX_GRAD_NORM,
+        seed=seed,
     )
-    steps_per_epoch = math.ceil(len(texts) / settings.batch_size)
-    total = settings.epochs * steps_per_epoch
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(WARMUP_RATIO * total), total)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(texts), generator=generator).tolist()
-        for start in range(0, len(order), settings.batch_size):
-            batch = order[start : start + settings.batch_size]
-            inputs = tokenizer(
-                [texts[i] for i in batch],
-                padding=True,
-                truncation=True,
-                max_length=settings.max_length,
-                return_tensors="pt",
-            )
-            model(**inputs, labels=labels[batch]).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    rows = [{"text": text, "label": label} for text, label in zip(data["text"], data["label"])]
+    collate = text_classification_collator(tokenizer, max_length=settings.max_length)
+    finetune(model, rows, collate, config, show_progress=False)
     return model.eval()
 
 
-def finetuned_models(tasks: Sequence[str], settings: Settings, root: Path) -> tuple[Path, dict[str, Path]]:
+def finetuned_models(
+    tasks: Sequence[str], settings: Settings, root: Path, optimizer: str = "adamw", rho: float | None = None
+) -> tuple[Path, dict[str, Path]]:
     """``(base, {task: fine-tuned folder})``: MiniLM fine-tunes cached by ``benchmarks.finetune`` (trained once,
-    a minute or two each), or tiny BERT fine-tunes written under ``root``."""
+    a minute or two each with AdamW, twice that with SAM / ASAM), or tiny BERT fine-tunes written under ``root``."""
     base = base_model_dir(settings, root)
     folders = {}
     for task in tasks:
         if not settings.tiny:
             folders[task] = finetune(
-                task, seed=settings.seed, epochs=settings.epochs, lr=settings.lr, train_size=settings.train_size
+                task,
+                seed=settings.seed,
+                epochs=settings.epochs,
+                lr=settings.lr,
+                train_size=settings.train_size,
+                optimizer=optimizer,
+                rho=rho,
             )
             continue
-        folder = root / "finetuned" / task
+        folder = root / "finetuned" / (task if optimizer == "adamw" else f"{task}-{optimizer}")
         tokenizer = load_tokenizer(base)
         model = new_classifier(base, task, settings.seed)
-        train_classifier(model, load_splits(task, settings)["train"], tokenizer, settings, settings.seed)
+        data = load_splits(task, settings)["train"]
+        train_classifier(model, data, tokenizer, settings, settings.seed, optimizer, rho)
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         folders[task] = folder

@@ -8,6 +8,7 @@
 
     python -m examples.trainer_callback                   # real MiniLM: trains tweet_sentiment, merges 3 tasks
     python -m examples.trainer_callback --tiny            # tiny BERT: seconds
+    python -m examples.trainer_callback --sam-rho 0.05    # the same with SAMTrainer: SAM fine-tune -> merge
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from examples._common import (
 )
 from hf_sta import MergeConfig, STAMerger
 from hf_sta.callback import STAMergeCallback
+from hf_sta.training import SAMTrainer
 
 MERGES = {
     "sta": MergeConfig(method="sta"),
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--others", nargs="+", default=["news", "movie_sentiment"], choices=TASKS)
     parser.add_argument("--method", choices=sorted(MERGES), default="sta")
     parser.add_argument("--calibration-samples", type=int, default=128, help="STA importance samples per task")
+    parser.add_argument(
+        "--sam-rho", type=float, default=None, help="train with hf_sta.training.SAMTrainer (SAM radius) instead"
+    )
+    parser.add_argument("--sam-adaptive", action="store_true", help="with --sam-rho: ASAM (e.g. --sam-rho 0.5)")
     add_common_arguments(parser, name="trainer_callback")
     args = parser.parse_args(argv)
     settings = Settings.from_args(args)
@@ -90,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             .map(lambda rows: tokenizer(rows["text"], truncation=True, max_length=settings.max_length), batched=True)
             .remove_columns(["text"])
         )
-        trainer = Trainer(
+        # SAMTrainer is a drop-in Trainer: the same arguments plus sam_rho / sam_adaptive.
+        sharpness = {} if args.sam_rho is None else {"sam_rho": args.sam_rho, "sam_adaptive": args.sam_adaptive}
+        trainer = (Trainer if args.sam_rho is None else SAMTrainer)(
             model=new_classifier(base, args.task, settings.seed),
             args=TrainingArguments(
                 output_dir=str(out / "trainer"),
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             data_collator=DataCollatorWithPadding(tokenizer),
             processing_class=tokenizer,
             callbacks=[callback],
+            **sharpness,
         )
         trainer.train()  # ... and at on_train_end the callback merges
 
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trained_dir": out / "trained",
         "importance_files": importance_files,
         "merge_config": MERGES[args.method],
+        "trainer": trainer,
         "scores": scores,
     }
 

@@ -4,6 +4,7 @@
 hf-sta merge recipe.yaml [--dry-run] [--output-dir D] [--overwrite]
 hf-sta forget recipe.yaml [--dry-run] [--output-dir D] [--overwrite]
 hf-sta importance --base B --model TASK=PATH --data FILE --output importance.safetensors
+hf-sta finetune --base B --data FILE --output-dir D [--optimizer adamw|sam|asam] [--rho R]
 hf-sta push DIR REPO_ID [--private] [--create-pr] [--revision R] [--commit-message M]
 hf-sta inspect DIR
 hf-sta methods
@@ -221,6 +222,49 @@ def _task_source(value: str, option: str) -> tuple[str, str]:
     return task, source
 
 
+def _as_option(error: ConfigError, fields: Sequence[str]) -> ConfigError:
+    """The error with its leading config field renamed to the command-line option (``rho ...`` -> ``--rho ...``)."""
+    message = str(error)
+    for name in sorted(fields, key=len, reverse=True):
+        if message.startswith(name):
+            return ConfigError("--" + name.replace("_", "-") + message[len(name) :])
+    return error
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .io.checkpoints import check_output_dir
+    from .recipe import load_data
+    from .training import FinetuneConfig, finetune_classifier
+
+    fields = [field.name for field in dataclasses.fields(FinetuneConfig)]
+    values = {name: getattr(args, name) for name in fields}
+    values["max_grad_norm"] = values["max_grad_norm"] or None  # 0: no clipping, as in TrainingArguments
+    try:
+        config = FinetuneConfig(**values)
+    except ConfigError as err:
+        raise _as_option(err, fields) from None
+    check_output_dir(args.output_dir, args.overwrite)  # before loading data and training
+    dataset = load_data(args.data, args.split, args.subset, field="--data")
+    folder, result = finetune_classifier(
+        args.base,
+        dataset,
+        args.output_dir,
+        config,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        max_length=args.max_length,
+        num_samples=args.num_samples,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+        show_progress=args.verbose > 0,
+    )
+    rho = "" if config.resolved_rho is None else f" (rho {config.resolved_rho:g})"
+    _out(f"Fine-tuned {args.base} with {config.optimizer}{rho}: {result.steps} steps, "
+         f"{result.seconds_per_step:.2f} s/step, last epoch's mean loss {result.epoch_losses[-1]:.4f}")  # fmt: skip
+    _out(f"Wrote {folder}")
+    return 0
+
+
 def _importance(args: argparse.Namespace) -> int:
     from .recipe import ImportanceConfig, Recipe, build_merger, compute_task_importance
 
@@ -426,8 +470,62 @@ def _add_recipe_options(parser: argparse.ArgumentParser, operation: str) -> None
     )
 
 
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    return number
+
+
+def _add_finetune_parser(commands: Any) -> None:
+    """``hf-sta finetune``: the options of ``hf_sta.training.FinetuneConfig`` (same names) and the data's."""
+    finetune = commands.add_parser(
+        "finetune",
+        help="fine-tune a classifier with AdamW, SAM or ASAM",
+        description="Fine-tune a sequence classifier (AutoModelForSequenceClassification, new head) from a base "
+        "checkpoint on a text dataset with AdamW or, for models you will merge, sharpness-aware SAM / ASAM (the "
+        "update uses the gradient at theta + e, e = rho g/||g||; ASAM: e = rho T^2 g/||T g||, T = |theta|), and save "
+        "it with its tokenizer and hf_sta_training.json (hf_sta.training.finetune_classifier).",
+        formatter_class=_HelpFormatter,
+    )
+    finetune.add_argument("--base", required=True, default=argparse.SUPPRESS, help="base model (folder or repo id)")
+    finetune.add_argument(
+        "--data", required=True, default=argparse.SUPPRESS, help="a .json/.jsonl/.csv/.parquet file or a datasets name"
+    )
+    finetune.add_argument("--split", default="train", help="split or slice of the data, e.g. 'train[:600]'")
+    finetune.add_argument("--subset", default=None, help="dataset configuration name")
+    finetune.add_argument("--text-column", default="text", help="column of raw text")
+    finetune.add_argument(
+        "--label-column", default="label", help="column of class labels (ClassLabel, integers 0..K-1, or strings)"
+    )
+    finetune.add_argument("--max-length", type=_positive_int, default=128, help="truncation length")
+    finetune.add_argument("--num-samples", type=_positive_int, default=None, help="use only the first rows")
+    finetune.add_argument("--optimizer", default="adamw", choices=["adamw", "sam", "asam"], help="update rule")
+    finetune.add_argument(
+        "--rho", type=_non_negative_float, default=None, help="SAM / ASAM radius (default: 0.05 SAM, 0.5 ASAM)"
+    )
+    finetune.add_argument("--eta", type=_non_negative_float, default=0.0, help="ASAM offset: T = |theta| + eta")
+    finetune.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW learning rate")
+    finetune.add_argument("--epochs", type=_positive_int, default=2, help="passes over the data")
+    finetune.add_argument("--batch-size", type=_positive_int, default=16, help="rows per step")
+    finetune.add_argument("--weight-decay", type=_non_negative_float, default=0.01, help="not on biases/LayerNorm")
+    finetune.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup fraction, then linear decay")
+    finetune.add_argument("--max-grad-norm", type=_non_negative_float, default=1.0, help="clipping (0: none)")
+    finetune.add_argument("--seed", type=int, default=0, help="head initialisation, dropout and batch order")
+    finetune.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+    finetune.add_argument(
+        "--output-dir", required=True, default=argparse.SUPPRESS, type=Path, help="folder to write the classifier to"
+    )
+    finetune.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    finetune.set_defaults(func=_finetune)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``hf-sta`` argument parser (subcommands merge, forget, importance, push, inspect, methods)."""
+    """The ``hf-sta`` argument parser (subcommands merge, forget, compress, importance, finetune, push, inspect,
+    methods)."""
     from . import __version__
 
     parser = _Parser(
@@ -502,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, default=argparse.SUPPRESS, help="file to write (importance.safetensors)"
     )
     importance.set_defaults(func=_importance)
+
+    _add_finetune_parser(commands)
 
     push = commands.add_parser(
         "push",

@@ -718,32 +718,35 @@ class RecipeResult:
 
 
 def load_calibration_data(config: ImportanceConfig):
-    """The calibration ``datasets.Dataset`` of an :class:`ImportanceConfig`: a local file by its suffix, else a Hub
-    dataset by name (``load_dataset(data, subset, split=split)``)."""
+    """The calibration ``datasets.Dataset`` of an :class:`ImportanceConfig` (:func:`load_data`)."""
+    return load_data(config.data, config.split, config.subset, field="importance.data", what="Calibration data")
+
+
+def load_data(data: str | None, split: str, subset: str | None = None, *, field: str, what: str = "Data"):
+    """A ``datasets.Dataset``: a local file by its suffix (:data:`DATA_FILE_BUILDERS`), else a Hub dataset by name
+    (``load_dataset(data, subset, split=split)``). ``field`` / ``what`` name the argument in errors."""
     import datasets
 
-    if config.data is None:
-        raise ConfigError("importance.data: no calibration data given")
-    path = Path(config.data).expanduser()
+    if data is None:
+        raise ConfigError(f"{field}: no {what.lower()} given")
+    path = Path(data).expanduser()
     builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
     if builder is not None or path.exists():
         if not path.is_file():
-            raise FileNotFoundError(f"Calibration data file '{path}' does not exist.")
+            raise FileNotFoundError(f"{what} file '{path}' does not exist.")
         if builder is None:
             raise ConfigError(
-                f"importance.data: '{path}' has an unsupported format; use one of {', '.join(DATA_FILE_BUILDERS)}"
+                f"{field}: '{path}' has an unsupported format; use one of {', '.join(DATA_FILE_BUILDERS)}"
             )
         if path.stat().st_size == 0:
-            raise CalibrationDataError(f"Calibration data file '{path}' is empty.")
+            raise CalibrationDataError(f"{what} file '{path}' is empty.")
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split=config.split)
+            return datasets.load_dataset(builder, data_files=str(path), split=split)
         except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as err:
             cause = err.__cause__ or err.__context__ or err
             detail = " ".join(str(cause).split()) or type(cause).__name__
-            raise CalibrationDataError(
-                f"Calibration data file '{path}' cannot be read as {builder}: {detail}"
-            ) from err
-    return datasets.load_dataset(config.data, config.subset, split=config.split)
+            raise CalibrationDataError(f"{what} file '{path}' cannot be read as {builder}: {detail}") from err
+    return datasets.load_dataset(data, subset, split=split)
 
 
 def build_merger(recipe: Recipe):

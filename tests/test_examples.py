@@ -130,13 +130,19 @@ def test_forget_task(tmp_path):
     assert_valid(scores)
 
 
-def test_trainer_callback(tmp_path):
+@pytest.mark.parametrize("sharpness", [[], ["--sam-rho", "0.5", "--sam-adaptive"]], ids=["trainer", "sam_trainer"])
+def test_trainer_callback(tmp_path, sharpness):
     from examples import trainer_callback
     from hf_sta import STAMerger
+    from hf_sta.training import SAMTrainer
 
     result = trainer_callback.main(
-        tiny(tmp_path, "--task", TASKS[2], "--others", *TASKS[:2], "--calibration-samples", "16")
+        tiny(tmp_path, "--task", TASKS[2], "--others", *TASKS[:2], "--calibration-samples", "16", *sharpness)
     )
+    trainer = result["trainer"]
+    assert isinstance(trainer, SAMTrainer) == bool(sharpness)
+    if sharpness:  # ASAM steps ran: two passes per step
+        assert trainer.sam_adaptive and trainer.sam_rho == 0.5 and trainer.sam_seconds > 0
     callback, task = result["callback"], TASKS[2]
     assert callback.output_path == tmp_path / "merged" and (callback.output_path / "model.safetensors").is_file()
     importance = callback.output_path / "importance" / f"{task}.safetensors"
@@ -225,3 +231,22 @@ def test_unlearn_task(tmp_path):
     assert scores["unlearning adapter, disabled"] == scores["STA merge"]  # switched off: the merge, exactly
     assert result["curve"].rule == "closest_to_chance" and result["curve"].chance == result["chance"]
     assert_valid(scores)
+
+
+def test_finetune_sam(tmp_path):
+    from examples import finetune_sam
+
+    result = finetune_sam.main(tiny(tmp_path, "--tasks", *TASKS[:2], "--sam-rho", "0.1"))
+    models = result["models"]
+    assert list(models) == ["adamw", "sam", "asam"] and all(list(m) == TASKS[:2] for m in models.values())
+    base = load_state_dict(result["base"])
+    for task in TASKS[:2]:
+        trained = {optimizer: load_state_dict(folders[task]) for optimizer, folders in models.items()}
+        body = [k for k in base if k in trained["adamw"]] or [f"bert.{k}" for k in base]
+        for first, second in [("adamw", "sam"), ("adamw", "asam"), ("sam", "asam")]:  # same start, other steps
+            assert any(not torch.equal(trained[first][k], trained[second][k]) for k in body), (task, first, second)
+    assert all(s in finetune_sam.SCALINGS for s in result["scalings"].values())
+    assert list(result["scores"]) == [
+        f"{o}: {row}" for o in models for row in ("individual", f"task arithmetic (scaling {result['scalings'][o]:g})")
+    ]
+    assert_valid(result["scores"])

@@ -12,7 +12,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_sta import MergeConfig
 from hf_sta.callback import STAMergeCallback
-from hf_sta.training import SAM, FinetuneConfig, SAMTrainer, finetune, make_optimizer, sam_perturbation
+from hf_sta.training import SAM, FinetuneConfig, SAMTrainer, finetune, make_optimizer, perturb, sam_perturbation
 from tests.conftest import load_state_dict, run_processes, tiny_bert_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -437,3 +437,34 @@ def test_finetune_loop_sam_equals_first_and_second_step_by_hand():
     optimizer.second_step()
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_sam_trainer_on_a_peft_model_perturbs_and_moves_only_the_adapter(tmp_path, llama_checkpoints, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from hf_sta.training import trainer as trainer_module
+
+    model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(llama_checkpoints.base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False),
+    )
+    names = {id(p): n for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    perturbed: set[str] = set()
+
+    def recording_perturb(param_groups, **kwargs):
+        saved = perturb(param_groups, **kwargs)
+        perturbed.update(names[id(p)] for p in saved)
+        return saved
+
+    monkeypatch.setattr(trainer_module, "perturb", recording_perturb)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 96, (8, 8), generator=generator).tolist()
+    data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = _args(tmp_path, max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2)
+    SAMTrainer(model=model, args=args, train_dataset=data, sam_rho=0.5, sam_adaptive=True).train()
+    adapter = {n for n in before if "lora_" in n}
+    assert adapter and perturbed == adapter  # every adapter tensor, nothing else
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]) != (name in adapter), name  # the base never moves; the adapter does

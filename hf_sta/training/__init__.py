@@ -3,7 +3,9 @@
 * :class:`SAM`: a ``torch.optim.Optimizer`` around any base optimizer (``first_step`` / ``second_step`` /
   ``step(closure)``).
 * :class:`SAMTrainer`: a ``transformers.Trainer`` whose steps are SAM steps (``sam_rho``, ``sam_adaptive``).
-* :func:`finetune`: the AdamW / SAM / ASAM fine-tuning loop the benchmarks and ``examples/finetune_sam.py`` share.
+* :func:`finetune`: the AdamW / SAM / ASAM fine-tuning loop the benchmarks and ``examples/finetune_sam.py`` share;
+  :func:`finetune_classifier` runs it on a text dataset from a base checkpoint and saves the classifier
+  (``hf-sta finetune``).
 
 Lee, Jung & Baik (ICLR 2025, "Mitigating Parameter Interference in Model Merging via Sharpness-Aware Fine-Tuning")
 report that SAM fine-tunes merge with less interference between task vectors than AdamW fine-tunes.
@@ -20,29 +22,38 @@ _LAZY_ATTRIBUTES = {
     "restore": "sam",
     "sam_perturbation": "sam",
     "SAMTrainer": "trainer",
+    "TRAINING_RECORD": "classifier",
+    "class_labels": "classifier",
+    "finetune_classifier": "classifier",
     "DEFAULT_RHO": "loop",
     "FinetuneConfig": "loop",
     "FinetuneResult": "loop",
     "finetune": "loop",
     "make_optimizer": "loop",
     "text_classification_collator": "loop",
+    "training_step": "loop",
 }
 
 __all__ = [
     "DEFAULT_RHO",
     "SAM",
     "SAMTrainer",
+    "TRAINING_RECORD",
     "FinetuneConfig",
     "FinetuneResult",
+    "class_labels",
     "finetune",
+    "finetune_classifier",
     "make_optimizer",
     "perturb",
     "restore",
     "sam_perturbation",
     "text_classification_collator",
+    "training_step",
 ]
 
 if TYPE_CHECKING:
+    from .classifier import TRAINING_RECORD, class_labels, finetune_classifier
     from .loop import (
         DEFAULT_RHO,
         FinetuneConfig,
@@ -50,6 +61,7 @@ if TYPE_CHECKING:
         finetune,
         make_optimizer,
         text_classification_collator,
+        training_step,
     )
     from .sam import SAM, perturb, restore, sam_perturbation
     from .trainer import SAMTrainer

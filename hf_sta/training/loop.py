@@ -43,6 +43,7 @@ __all__ = [
     "finetune",
     "make_optimizer",
     "text_classification_collator",
+    "training_step",
 ]
 
 OPTIMIZERS = ("adamw", "sam", "asam")
@@ -150,6 +151,42 @@ def _loss(model: torch.nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
     return model(**inputs).loss
 
 
+def training_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: Mapping[str, Any],
+    max_grad_norm: float | None = None,
+) -> torch.Tensor:
+    """One update of ``model`` on one batch; returns the loss at ``theta`` (detached).
+
+    AdamW (any plain optimizer): forward, backward, clip the gradient to ``max_grad_norm``, step. :class:`SAM`:
+    gradient at ``theta`` (unclipped: ``e`` is invariant to its scale), ``first_step``, gradient at ``theta + e``
+    (clipped), ``second_step``. The gradients are left in ``.grad`` (zero them before the next step).
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]  # model order: the clipping norm's summation
+
+    def backward() -> torch.Tensor:
+        loss = _loss(model, inputs)
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        return loss
+
+    if not isinstance(optimizer, SAM):
+        loss = backward()
+        optimizer.step()
+        return loss.detach()
+    loss = _loss(model, inputs)
+    loss.backward()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        return backward()
+
+    optimizer.step(closure)  # first_step, closure (the gradient at theta + e), second_step; schedulers see a step
+    return loss.detach()
+
+
 def finetune(
     model: torch.nn.Module,
     train_dataset: Sequence[Mapping[str, Any]],
@@ -181,7 +218,6 @@ def finetune(
     total_steps = config.epochs * steps_per_epoch
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.warmup_ratio * total_steps), total_steps)
     generator = torch.Generator().manual_seed(config.seed)
-    parameters = [p for p in model.parameters() if p.requires_grad]
     logger.info(
         "Fine-tuning with %s (rho %s): %d rows, %d epochs, %d steps, lr %g, seed %d",
         config.optimizer,
@@ -192,14 +228,6 @@ def finetune(
         config.learning_rate,
         config.seed,
     )
-
-    def backward(inputs: Mapping[str, Any]) -> torch.Tensor:
-        loss = _loss(model, inputs)
-        loss.backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-        return loss
-
     started = time.perf_counter()
     model.train()
     epoch_losses = []
@@ -213,18 +241,7 @@ def finetune(
             inputs = collate_fn(
                 [train_dataset[i] for i in order[step * config.batch_size : (step + 1) * config.batch_size]]
             )
-            if isinstance(optimizer, SAM):
-                loss = _loss(model, inputs)
-                loss.backward()  # unclipped: e is invariant to the gradient's scale
-
-                def closure(inputs: Mapping[str, Any] = inputs) -> torch.Tensor:
-                    optimizer.zero_grad(set_to_none=True)
-                    return backward(inputs)
-
-                optimizer.step(closure)
-            else:
-                loss = backward(inputs)
-                optimizer.step()
+            loss = training_step(model, optimizer, inputs, config.max_grad_norm)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             running_loss += loss.item()

@@ -57,7 +57,9 @@ def sam_perturbation(
         gradient is 0; and empty (no perturbation) when the norm is not finite, as under an fp16 overflow
         (the optimizer step that follows is then skipped by the grad scaler anyway).
     """
-    scaled: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]] = []
+    # (param, T^2 g, whether that tensor is a buffer of ours that may be scaled in place, group); for ASAM
+    # T^2 g = T (T g) is built in T's own buffer: two temporaries per tensor, as few passes over memory as SAM's.
+    scaled: list[tuple[torch.Tensor, torch.Tensor, bool, dict[str, Any]]] = []
     squares = []
     for group in param_groups:
         adaptive_group = group.get("adaptive", adaptive)
@@ -65,21 +67,27 @@ def sam_perturbation(
         for param in _perturbed_parameters(group):
             dtype = torch.promote_types(param.dtype, torch.float32)  # half-precision tensors: the math in fp32
             grad = param.grad.to(dtype)
-            scale = (param.detach().to(dtype).abs() + eta_group) if adaptive_group else None
-            scaled_grad = grad if scale is None else scale * grad
+            if not adaptive_group:
+                squares.append(torch.linalg.vector_norm(grad).to(torch.float64) ** 2)
+                scaled.append((param, grad, grad is not param.grad, group))
+                continue
+            scale = param.detach().abs().to(dtype)
+            if eta_group:
+                scale.add_(eta_group)
+            scaled_grad = scale * grad
             squares.append(torch.linalg.vector_norm(scaled_grad).to(torch.float64) ** 2)
-            scaled.append((param, scaled_grad if scale is None else scale * scaled_grad, group))
+            scaled.append((param, scale.mul_(scaled_grad), True, group))
     if not scaled:
         return {}
     norm = torch.sqrt(sum(squares[1:], squares[0]))
     if not torch.isfinite(norm):
         logger.warning("SAM: the gradient norm is %s; no perturbation this step", norm.item())
         return {}
-    # T^2 g for ASAM is T * (T g); for SAM it is g.
-    return {
-        param: (t2g * (group.get("rho", rho) / (norm + _NORM_EPSILON)).to(t2g.dtype)).to(param.dtype)
-        for param, t2g, group in scaled
-    }
+    perturbation = {}
+    for param, t2g, owned, group in scaled:
+        factor = (group.get("rho", rho) / (norm + _NORM_EPSILON)).to(t2g.dtype)
+        perturbation[param] = (t2g.mul_(factor) if owned else t2g * factor).to(param.dtype)
+    return perturbation
 
 
 @torch.no_grad()
