@@ -272,6 +272,34 @@ def test_ranking_keeps_structures_made_important():
     assert any(5 not in kept["neurons"] for kept in baseline.record["layers"].values())  # not kept by chance
 
 
+def test_scores_are_reused_for_the_same_data_only(monkeypatch):
+    """The score cache: a second call with the same DataLoader object or an equal Dataset reuses the scores; another
+    loader over the same rows (other batches) or another ranking seed is scored again."""
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    from hf_sta.compression import api
+
+    calls = []
+    monkeypatch.setattr(api, "task_scores", lambda *a, **k: calls.append(k["loader"]) or task_scores(*a, **k))
+    body, head, cache = _bert(), _bert_head(3, 5), {}
+    rows = _labelled(8, 7, 3, 0)
+    loader = DataLoader(rows.rename_column("label", "labels"), batch_size=4, collate_fn=default_data_collator)
+    other = DataLoader(rows.rename_column("label", "labels"), batch_size=2, collate_fn=default_data_collator)
+
+    def run(data, **options):
+        config = CompressionConfig(["t"], intermediate_size=24, num_samples=8, **options)
+        return compress_model(body, {"t": head}, {"t": data}, config, cache=cache).record["layers"]
+
+    first = run(loader)
+    assert run(loader) == first and len(calls) == 1
+    run(other)
+    run(rows.select(range(8))), run(rows.select(range(8)))  # equal Datasets (same fingerprint): scored once
+    assert len(calls) == 3
+    run(rows, importance="random", seed=1), run(rows, importance="random", seed=2)
+    assert len(calls) == 5
+
+
 def test_fusion_rules_closed_form():
     a = StructureScores(torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 2.0]]), torch.tensor([4.0]))
     b = StructureScores(torch.tensor([[30.0, 10.0]]), torch.tensor([[1.0, 3.0]]), torch.tensor([1.0]))

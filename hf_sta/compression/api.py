@@ -129,8 +129,14 @@ def _score_key(task: str, index: int, config: CompressionConfig, data: Any, cust
         return ("magnitude",)
     if config.importance == "random":
         return ("random", config.seed + index)
-    fingerprint = dataset_fingerprint(data) if data is not None else None
-    if fingerprint is None or custom_loss:
+    if custom_loss or data is None:
+        return None
+    if isinstance(data, torch.utils.data.DataLoader):
+        # Its batches come from its own collate function and batch size: only the same loader object gives the same
+        # scores (the key holds it, so its id is not reused).
+        return (task, "taylor", data, config.num_samples)
+    fingerprint = dataset_fingerprint(data)
+    if fingerprint is None:
         return None
     return (task, "taylor", fingerprint, config.num_samples, config.micro_batch_size, config.max_length)
 
