@@ -461,25 +461,37 @@ def test_compress_merge_folder_end_to_end(bert_checkpoints, tmp_path, monkeypatc
 
 
 def test_bench_compression_tiny(tmp_path):
-    """``--tiny`` runs every part (rows, latency, report) on a tiny BERT; rows are cached and reused."""
+    """``--tiny`` runs every part (rows with validation-chosen fusion and recovery, latency, report) on a tiny BERT
+    merge and a tiny Llama LoRA merge; rows are cached and reused."""
     from benchmarks import bench_compression
 
-    argv = ["--tiny", "--work-dir", str(tmp_path), "--targets", "0.75", "--methods", "taylor", "random",
-            "--layers", "1", "--recovery-steps", "2"]  # fmt: skip
+    argv = ["--tiny", "--work-dir", str(tmp_path), "--methods", "taylor", "random", "--recovery-checkpoints", "1",
+            "2"]  # fmt: skip
     result = bench_compression.main(argv)
-    rows = result["rows"]
+    bert, llama = result["rows"]["minilm"], result["rows"]["smollm2"]
     keep = "tweet_sentiment,product_sentiment"
-    assert set(rows) == {f"{keep}|uncompressed", *(f"{keep}|0.75|{m}|r{s}" for m in ("taylor", "random") for s in (0, 2)),
-                         f"{keep}|0.75|taylor|r0|L1", f"{keep}|0.75|taylor|r2|L1", "latency|0.75|threads1",
-                         "latency|0.75|threads1|L1"}  # fmt: skip
-    row = rows[f"{keep}|0.75|taylor|r0"]
-    assert row["size"]["non_embedding_parameters"] <= 0.75 * 18144 and 0 <= row["relative"] <= 2
-    assert rows[f"{keep}|0.75|taylor|r2"]["recovery"]["steps"] == 2
-    assert rows[f"{keep}|0.75|taylor|r0|L1"]["num_hidden_layers"] == 1
-    assert set(rows["latency|0.75|threads1"]["batches"]) == {"1", "32"}
-    assert result["summary"]["taylor"] and "| taylor |" in bench_compression.markdown(rows)
-    cached = json.loads((tmp_path / "rows.json").read_text())["rows"]
-    assert cached.keys() == rows.keys()
+    sizes = {"target=0.75": ("taylor", "random"), "target=0.75,L1": ("taylor",)}
+    expected = {
+        f"{keep}|{size}|{m}|{r}" for size, methods in sizes.items() for m in methods for r in ("r0", "recovery")
+    }
+    assert set(bert) == {f"{keep}|uncompressed", *expected, *(f"latency|{size}|threads1" for size in sizes)}
+    row = bert[f"{keep}|target=0.75|taylor|r0"]
+    assert row["non_embedding_parameters"] <= 0.75 * 18144 and 0 <= row["relative"] <= 2
+    assert {t["fusion"] for t in row["trials"]} == {"mean", "max"}
+    best = max(row["trials"], key=lambda t: t["validation_mean"])  # chosen on validation
+    assert row["fusion"] == best["fusion"]
+    recovered = bert[f"{keep}|target=0.75|taylor|recovery"]
+    assert [(t["lr"], t["steps"]) for t in recovered["trials"]] == [(3e-3, 1), (3e-3, 2)]
+    chosen = max(recovered["trials"], key=lambda t: t["validation_mean"])
+    assert recovered["recovery"]["steps"] == chosen["steps"] and recovered["recovery"]["run"]["steps"] == 2
+    assert bert[f"{keep}|target=0.75,L1|taylor|r0"]["num_hidden_layers"] == 1
+    assert set(bert["latency|target=0.75|threads1"]["batches"]) == {"1", "32"}
+    ffn = llama["tweet_sentiment,subjectivity|neuron_ratio=0.75|taylor|r0"]
+    assert ffn["intermediate_size"] == 48 and ffn["num_attention_heads"] == 4  # tiny Llama: 64 neurons, 4 heads
+    assert "latency|neuron_ratio=0.75|threads1" in llama
+    assert result["summary"]["taylor"] and "| taylor |" in bench_compression.markdown(result["rows"])
+    cached = json.loads((tmp_path / "rows-minilm.json").read_text())["rows"]
+    assert cached.keys() == bert.keys()
 
 
 def test_compress_example_tiny(tmp_path):
@@ -493,7 +505,12 @@ def test_compress_example_tiny(tmp_path):
     for row, folder in result["compressed_dirs"].items():
         assert sorted(p.name for p in (folder / "heads").iterdir()) == ["product_sentiment.safetensors",
                                                                        "tweet_sentiment.safetensors"]  # fmt: skip
-        assert result["records"][row]["kept_fraction"] <= 0.75
+        record = result["records"][row]
+        assert record["kept_fraction"] <= 0.75
+        assert record["accuracy"] == {t: result["scores"][row][t].accuracy for t in record["kept_tasks"]}
+        assert record["uncompressed_accuracy"] == {
+            t: result["scores"]["STA merge (all tasks)"][t].accuracy for t in record["kept_tasks"]
+        }
     assert all(0 <= s.accuracy <= 1 for row in result["scores"].values() for s in row.values())
 
 
