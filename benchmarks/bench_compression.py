@@ -87,6 +87,8 @@ class Workload:
     calibration: Callable[[str], Any]
     evaluate: Callable[[torch.nn.Module, Sequence[str], str], dict[str, float]]
     micro_batch_size: int
+    pilot_size: str
+    checkpoints: list[int]
     protocol: dict[str, Any]
     cache: Path
 
@@ -102,11 +104,11 @@ def minilm_workload(args: argparse.Namespace) -> Workload:
 
     suite = TaskSuite(list(TASKS), seed=0).prepare()
     merger = suite.merger()
-    for task in TASKS:
-        suite.importance(merger, task, 128)
     models = {task: path.name for task, path in suite.model_dirs.items()}
     merged_dir = cache_root() / "compression" / f"minilm-sta-seed0-{_digest(models)}"
     if not (merged_dir / "config.json").is_file():
+        for task in TASKS:
+            suite.importance(merger, task, 128)
         merger.merge(method="sta", output_dir=merged_dir, overwrite=True)
     sizes = [Size("target=0.75", {"target": 0.75}), Size("target=0.5", {"target": 0.5}),
              Size("target=0.5,L4", {"target": 0.5, "num_hidden_layers": 4}, ("taylor",))]  # fmt: skip
@@ -116,8 +118,9 @@ def minilm_workload(args: argparse.Namespace) -> Workload:
         keep=[["news", "movie_sentiment"], ["news", "movie_sentiment", "subjectivity"]], sizes=sizes,
         calibration=lambda task: suite.calibration(task, calibration),
         evaluate=lambda body, tasks, split: suite.evaluate(body, split, tasks), micro_batch_size=8,
+        pilot_size="target=0.5", checkpoints=[50, 100, 200],
         protocol={"models": models, "scoring": "bf16 autocast" if suite.bf16 else "fp32",
-                  "calibration_samples": calibration, "validation": 200, "test": 400},
+                  "calibration_samples": calibration, "validation": 200, "test": 400, "seed": args.seed},
         cache=cache_root() / "compression" / "rows-minilm.json",
     )  # fmt: skip
 
@@ -155,13 +158,13 @@ def lora_workload(args: argparse.Namespace, work: Path) -> Workload:
 
     base, tasks, data, prompts, adapters = _lora_setup(args.tiny, work, args.seed)
     merger = STAMerger.from_pretrained(base, adapters=adapters)
-    importance_samples = 8 if args.tiny else 32  # bench_lora's STA importance
-    for task in tasks:
-        loader = calibration_loader(prompts[task], data[task]["train"], importance_samples, 4)
-        merger.compute_importance(task, loader, num_samples=importance_samples, show_progress=False)
     key = {t: p.name for t, p in adapters.items()}
     merged_dir = (work if args.tiny else cache_root() / "compression") / f"smollm2-sta-{_digest(key)}"
     if not (merged_dir / "config.json").is_file():
+        importance_samples = 8 if args.tiny else 32  # bench_lora's STA importance
+        for task in tasks:
+            loader = calibration_loader(prompts[task], data[task]["train"], importance_samples, 4)
+            merger.compute_importance(task, loader, num_samples=importance_samples, show_progress=False)
         merger.merge(method="sta", output_dir=merged_dir, overwrite=True)
     calibration = args.calibration_samples or (8 if args.tiny else 64)
     loaders = {t: calibration_loader(prompts[t], data[t]["train"], calibration, 4) for t in tasks}
@@ -172,10 +175,11 @@ def lora_workload(args: argparse.Namespace, work: Path) -> Workload:
     return Workload(
         name="smollm2", merger=merger, merged_dir=merged_dir, keep=[tasks[:2]],
         sizes=[Size("neuron_ratio=0.75", {"neuron_ratio": 0.75})], calibration=loaders.__getitem__,
-        evaluate=evaluate, micro_batch_size=4,
+        evaluate=evaluate, micro_batch_size=4, pilot_size="neuron_ratio=0.75",
+        checkpoints=[1, 2] if args.tiny else [25, 50, 100],
         protocol={"adapters": key, "model": "tiny Llama" if args.tiny else "SmolLM2-135M-Instruct (fp32)",
                   "calibration_samples": calibration, "validation": len(data[tasks[0]]["validation"]),
-                  "test": len(data[tasks[0]]["test"])},
+                  "test": len(data[tasks[0]]["test"]), "seed": args.seed},
         cache=(work if args.tiny else cache_root() / "compression") / "rows-smollm2.json",
     )  # fmt: skip
 
@@ -206,7 +210,8 @@ def tiny_minilm_workload(args: argparse.Namespace, work: Path) -> Workload:
     sizes = [Size("target=0.75", {"target": 0.75}), Size("target=0.75,L1", {"target": 0.75, "num_hidden_layers": 1},
                                                          ("taylor",))]  # fmt: skip
     return Workload("minilm", merger, merged_dir, [list(tasks[:2])], sizes, calibration.__getitem__, evaluate, 8,
-                    {"models": "tiny", "calibration_samples": 16}, work / "rows-minilm.json")  # fmt: skip
+                    "target=0.75", [1, 2], {"models": "tiny", "calibration_samples": 16, "seed": args.seed},
+                    work / "rows-minilm.json")  # fmt: skip
 
 
 class CachedRows(dict):
@@ -228,11 +233,11 @@ def _mean(values) -> float:
     return statistics.mean(list(values))
 
 
-def _compress(workload: Workload, keep: list[str], size: Size, method: str, args, **options) -> torch.nn.Module:
+def _compress(workload: Workload, keep: list[str], size: Size, method: str, **options) -> torch.nn.Module:
     return workload.merger.compress(
         workload.merged_dir, keep_tasks=keep, data={t: workload.calibration(t) for t in keep}, importance=method,
         num_samples=workload.protocol["calibration_samples"], micro_batch_size=workload.micro_batch_size,
-        seed=args.seed, show_progress=False, **size.options, **options,
+        seed=workload.protocol["seed"], show_progress=False, **size.options, **options,
     )  # fmt: skip
 
 
@@ -253,12 +258,12 @@ def _size_record(model: torch.nn.Module, record: dict) -> dict[str, Any]:
             "kept_fraction": record["kept_fraction"], "file_size_bytes": size}  # fmt: skip
 
 
-def pruned_row(workload: Workload, keep: list[str], size: Size, method: str, args) -> dict[str, Any]:
+def pruned_row(workload: Workload, keep: list[str], size: Size, method: str) -> dict[str, Any]:
     """No recovery; a taylor row keeps the fusion rule with the best validation accuracy."""
     fusions = ("mean", "max") if method == "taylor" and len(keep) > 1 else ("mean",)
     trials, best = [], None
     for fusion in fusions:
-        model = _compress(workload, keep, size, method, args, fusion=fusion)
+        model = _compress(workload, keep, size, method, fusion=fusion)
         validation = workload.evaluate(model, keep, "validation")
         trials.append({"fusion": fusion, "validation": validation, "validation_mean": _mean(validation.values())})
         if best is None or trials[-1]["validation_mean"] > best[0]:
@@ -271,12 +276,14 @@ def pruned_row(workload: Workload, keep: list[str], size: Size, method: str, arg
             "test": workload.evaluate(model, keep, "test"), **_size_record(model, record)}  # fmt: skip
 
 
-def recovered_row(workload: Workload, keep: list[str], size: Size, method: str, fusion: str, args) -> dict:
-    """Recovery from the row's pruned model: learning rate and steps chosen on validation (checkpoints of one run
-    per learning rate)."""
-    checkpoints = set(args.recovery_checkpoints)
+def recovered_row(
+    workload: Workload, keep: list[str], size: Size, method: str, fusion: str, lrs: list[float], steps: list[int]
+) -> dict:
+    """Recovery from the row's pruned model: learning rate (among ``lrs``) and steps (among ``steps``) chosen on
+    validation, from checkpoints of one run per learning rate."""
+    checkpoints = set(steps)
     trials, best, losses = [], {"validation_mean": -1.0}, {}
-    for lr in args.recovery_lrs:
+    for lr in lrs:
 
         def look(step: int, student: torch.nn.Module, lr: float = lr) -> None:
             if step not in checkpoints:
@@ -289,7 +296,7 @@ def recovered_row(workload: Workload, keep: list[str], size: Size, method: str, 
             if trials[-1]["validation_mean"] > best["validation_mean"]:
                 best.update(trials[-1], state=copy.deepcopy(student.state_dict()))
 
-        model = _compress(workload, keep, size, method, args, fusion=fusion, recovery_steps=max(checkpoints),
+        model = _compress(workload, keep, size, method, fusion=fusion, recovery_steps=max(checkpoints),
                           recovery_lr=lr, recovery_callback=look)  # fmt: skip
         record = workload.merger.last_compression
         losses[lr] = record["recovery"]
@@ -299,37 +306,53 @@ def recovered_row(workload: Workload, keep: list[str], size: Size, method: str, 
             "test": workload.evaluate(model, keep, "test"), **_size_record(model, record)}  # fmt: skip
 
 
-def run_rows(workload: Workload, rows: CachedRows, args) -> None:
+def _uncompressed_row(workload: Workload, keep: list[str]) -> dict[str, Any]:
     from hf_sta.measure import load_transformers_model
 
+    merged = load_transformers_model(workload.merged_dir)
+    return {"keep": keep, "method": "uncompressed", "test": workload.evaluate(merged, keep, "test"),
+            "validation": workload.evaluate(merged, keep, "validation"),
+            "file_size_bytes": sum(f.stat().st_size for f in workload.merged_dir.glob("*.safetensors"))}  # fmt: skip
+
+
+def run_rows(workload: Workload, rows: CachedRows, args) -> None:
+    """Every row without recovery first; then the pilot recovery row (the first kept-task set at the pilot size,
+    taylor), whose validation choice among ``--recovery-lrs`` sets the learning rate of every other recovery row of
+    the model (their steps are each chosen on validation)."""
+    combos = [(keep, size, method) for keep in workload.keep for size in workload.sizes
+              for method in size.methods if method in args.methods]  # fmt: skip
     for keep in workload.keep:
-        name = ",".join(keep)
-        if f"{name}|uncompressed" not in rows:
-            merged = load_transformers_model(workload.merged_dir)
-            rows[f"{name}|uncompressed"] = {
-                "keep": keep, "method": "uncompressed", "test": workload.evaluate(merged, keep, "test"),
-                "validation": workload.evaluate(merged, keep, "validation"),
-                "file_size_bytes": sum(f.stat().st_size for f in workload.merged_dir.glob("*.safetensors")),
-            }  # fmt: skip
-            del merged
-        for size in workload.sizes:
-            for method in [m for m in size.methods if m in args.methods]:
-                key = f"{name}|{size.label}|{method}"
-                if f"{key}|r0" not in rows:
-                    rows[f"{key}|r0"] = pruned_row(workload, keep, size, method, args)
-                if args.recovery_lrs and f"{key}|recovery" not in rows:
-                    fusion = rows[f"{key}|r0"]["fusion"]
-                    rows[f"{key}|recovery"] = recovered_row(workload, keep, size, method, fusion, args)
+        if f"{','.join(keep)}|uncompressed" not in rows:
+            rows[f"{','.join(keep)}|uncompressed"] = _uncompressed_row(workload, keep)
+    for keep, size, method in combos:
+        key = f"{','.join(keep)}|{size.label}|{method}|r0"
+        if key not in rows:
+            rows[key] = pruned_row(workload, keep, size, method)
+    if not args.recovery_lrs:
+        return
+    pilot = (workload.keep[0], next(s for s in workload.sizes if s.label == workload.pilot_size), "taylor")
+    combos = [pilot, *(combo for combo in combos if combo != pilot)]
+    for index, (keep, size, method) in enumerate(combos):
+        key = f"{','.join(keep)}|{size.label}|{method}"
+        if f"{key}|recovery" not in rows:
+            lrs = args.recovery_lrs if index == 0 else [rows[f"{_pilot_key(workload)}|recovery"]["recovery"]["lr"]]
+            rows[f"{key}|recovery"] = recovered_row(workload, keep, size, method, rows[f"{key}|r0"]["fusion"], lrs,
+                                                    args.recovery_checkpoints or workload.checkpoints)  # fmt: skip
+
+
+def _pilot_key(workload: Workload) -> str:
+    return f"{','.join(workload.keep[0])}|{workload.pilot_size}|taylor"
 
 
 @torch.inference_mode()
 def _median_ms(model: torch.nn.Module, inputs: dict, reference: torch.nn.Module, repeats: int) -> tuple[float, float]:
-    """Median wall time (ms) of ``reference`` and ``model`` on ``inputs``, alternating run by run (1 warm-up each)."""
+    """Median wall time (ms) of ``reference`` and ``model`` on ``inputs``, alternating run by run, the order swapped
+    every round (A B B A ...) so that neither always runs first; one warm-up round."""
     times: dict[int, list[float]] = {0: [], 1: []}
     for index in range(repeats + 1):
-        for which, net in enumerate((reference, model)):
+        for which in (0, 1) if index % 2 == 0 else (1, 0):
             started = time.perf_counter()
-            net(**inputs)
+            (reference, model)[which](**inputs)
             if index >= 1:
                 times[which].append(1000 * (time.perf_counter() - started))
     return statistics.median(times[0]), statistics.median(times[1])
@@ -345,7 +368,7 @@ def run_latency(workload: Workload, rows: CachedRows, args) -> None:
         if key in rows:
             continue
         reference = reference or load_transformers_model(workload.merged_dir).base_model.eval()
-        model = _compress(workload, workload.keep[0][:1], size, "magnitude", args).base_model.eval()
+        model = _compress(workload, workload.keep[0][:1], size, "magnitude").base_model.eval()
         result = {"size": size.label, "threads": torch.get_num_threads(), "seq_len": args.seq_len, "batches": {},
                   "num_hidden_layers": model.config.num_hidden_layers,
                   "intermediate_size": model.config.intermediate_size}  # fmt: skip
@@ -428,9 +451,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration-samples", type=int, default=None,
                         help="per kept task (default: minilm 256, smollm2 64; tiny 16 / 8)")  # fmt: skip
     parser.add_argument("--recovery-lrs", nargs="*", type=float, default=None,
-                        help="learning rates tried (default 5e-5 2e-4; tiny 3e-3); none: no recovery rows")  # fmt: skip
+                        help="learning rates tried on the pilot row (default 1e-4 3e-4; tiny 3e-3 1e-2); none: no "
+                        "recovery rows")  # fmt: skip
     parser.add_argument("--recovery-checkpoints", nargs="+", type=int, default=None,
-                        help="recovery steps tried (default 50 100 200; tiny 1 2)")  # fmt: skip
+                        help="recovery steps tried (default: minilm 50 100 200, smollm2 25 50 100; tiny 1 2)")  # fmt: skip
     parser.add_argument("--seq-len", type=int, default=None, help="latency sequence length (default 128; 16 tiny)")
     parser.add_argument("--repeats", type=int, default=None, help="latency runs at batch 1 (default 10; 2 tiny)")
     parser.add_argument("--num-threads", type=int, default=1)
@@ -440,9 +464,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     tiny = args.tiny
     if args.recovery_lrs is None:
-        args.recovery_lrs = [3e-3] if tiny else [5e-5, 2e-4]
-    for name, real, small in (("recovery_checkpoints", [50, 100, 200], [1, 2]), ("seq_len", 128, 16),
-                              ("repeats", 10, 2)):  # fmt: skip
+        args.recovery_lrs = [3e-3, 1e-2] if tiny else [1e-4, 3e-4]
+    for name, real, small in (("seq_len", 128, 16), ("repeats", 10, 2)):
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else real)
     return args
@@ -462,7 +485,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in args.models:
             workload = _workload(name, args, args.work_dir or Path(tmp))
             protocols[name] = {**workload.protocol, "merged": workload.merged_dir.name, "seed": args.seed,
-                               "recovery_lrs": args.recovery_lrs, "recovery_checkpoints": args.recovery_checkpoints,
+                               "recovery_lrs": args.recovery_lrs,
+                               "recovery_checkpoints": args.recovery_checkpoints or workload.checkpoints,
                                "repeats": args.repeats, "seq_len": args.seq_len}  # fmt: skip
             rows = CachedRows(workload.cache, protocols[name])
             if args.part in ("rows", "all"):

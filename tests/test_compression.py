@@ -480,10 +480,13 @@ def test_bench_compression_tiny(tmp_path):
     assert {t["fusion"] for t in row["trials"]} == {"mean", "max"}
     best = max(row["trials"], key=lambda t: t["validation_mean"])  # chosen on validation
     assert row["fusion"] == best["fusion"]
-    recovered = bert[f"{keep}|target=0.75|taylor|recovery"]
-    assert [(t["lr"], t["steps"]) for t in recovered["trials"]] == [(3e-3, 1), (3e-3, 2)]
-    chosen = max(recovered["trials"], key=lambda t: t["validation_mean"])
-    assert recovered["recovery"]["steps"] == chosen["steps"] and recovered["recovery"]["run"]["steps"] == 2
+    pilot = bert[f"{keep}|target=0.75|taylor|recovery"]  # the learning rate is chosen on this row's validation
+    assert [(t["lr"], t["steps"]) for t in pilot["trials"]] == [(3e-3, 1), (3e-3, 2), (1e-2, 1), (1e-2, 2)]
+    chosen = max(pilot["trials"], key=lambda t: t["validation_mean"])
+    assert (pilot["recovery"]["lr"], pilot["recovery"]["steps"]) == (chosen["lr"], chosen["steps"])
+    assert pilot["recovery"]["run"]["steps"] == 2
+    other = bert[f"{keep}|target=0.75|random|recovery"]
+    assert {t["lr"] for t in other["trials"]} == {chosen["lr"]} and len(other["trials"]) == 2
     assert bert[f"{keep}|target=0.75,L1|taylor|r0"]["num_hidden_layers"] == 1
     assert set(bert["latency|target=0.75|threads1"]["batches"]) == {"1", "32"}
     ffn = llama["tweet_sentiment,subjectivity|neuron_ratio=0.75|taylor|r0"]
