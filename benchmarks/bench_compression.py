@@ -5,7 +5,8 @@ Protocol (quoted in the README):
 
 * ``minilm``: the STA merge (defaults) of the six MiniLM fine-tunes of seed 0 (``benchmarks.harness.TaskSuite``; STA
   importance: taylor on each task's first 128 training examples, as ``bench_merging``), cached under
-  ``<cache>/compression/``. Kept tasks: ``news + movie_sentiment`` and ``news + movie_sentiment + subjectivity``.
+  ``<cache>/compression/``. Kept tasks: the 2 and the 3 tasks the merge serves best on validation (accuracy minus
+  the majority-class rate, ``served_margins``; a task the merge has lost leaves nothing to compress for).
   Sizes: ``target`` 0.75 and 0.5 of the non-embedding parameters. MiniLM is a BERT (``head_dim = hidden_size /
   num_attention_heads``), so no head can go in a stock config: only FFN neurons; plus taylor rows at 0.5 that also
   drop 2 of the 6 layers (``L4``; the FFN left is then wider).
@@ -113,16 +114,32 @@ def minilm_workload(args: argparse.Namespace) -> Workload:
     sizes = [Size("target=0.75", {"target": 0.75}), Size("target=0.5", {"target": 0.5}),
              Size("target=0.5,L4", {"target": 0.5, "num_hidden_layers": 4}, ("taylor",))]  # fmt: skip
     calibration = args.calibration_samples or 256
+    margins = served_margins(suite, merged_dir)
+    served = sorted(margins, key=margins.get, reverse=True)
     return Workload(
-        name="minilm", merger=merger, merged_dir=merged_dir,
-        keep=[["news", "movie_sentiment"], ["news", "movie_sentiment", "subjectivity"]], sizes=sizes,
+        name="minilm", merger=merger, merged_dir=merged_dir, keep=[served[:2], served[:3]], sizes=sizes,
         calibration=lambda task: suite.calibration(task, calibration),
         evaluate=lambda body, tasks, split: suite.evaluate(body, split, tasks), micro_batch_size=8,
         pilot_size="target=0.5", checkpoints=[50, 100, 200],
         protocol={"models": models, "scoring": "bf16 autocast" if suite.bf16 else "fp32",
-                  "calibration_samples": calibration, "validation": 200, "test": 400, "seed": args.seed},
+                  "calibration_samples": calibration, "validation": 200, "test": 400, "seed": args.seed,
+                  "validation_margin_of_merge": margins},
         cache=cache_root() / "compression" / "rows-minilm.json",
     )  # fmt: skip
+
+
+def served_margins(suite, merged_dir: Path) -> dict[str, float]:
+    """Per task, the uncompressed merge's validation accuracy minus the validation split's majority-class rate: the
+    kept sets are the tasks the merge serves best (compressing for a task the merge has already lost -- at or below
+    chance -- would measure nothing). Validation only."""
+    from hf_sta.measure import load_transformers_model
+
+    accuracy = suite.evaluate(load_transformers_model(merged_dir), "validation")
+    margins = {}
+    for task, value in accuracy.items():
+        labels = list(suite.data[task]["validation"]["label"])
+        margins[task] = round(value - max(labels.count(label) for label in set(labels)) / len(labels), 4)
+    return margins
 
 
 def _lora_setup(tiny: bool, work: Path, seed: int):
