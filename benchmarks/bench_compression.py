@@ -40,7 +40,6 @@ everything cached. ``--tiny``: a tiny BERT and a tiny Llama with LoRA adapters, 
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -297,27 +296,32 @@ def recovered_row(
     workload: Workload, keep: list[str], size: Size, method: str, fusion: str, lrs: list[float], steps: list[int]
 ) -> dict:
     """Recovery from the row's pruned model: learning rate (among ``lrs``) and steps (among ``steps``) chosen on
-    validation, from checkpoints of one run per learning rate."""
+    validation, from checkpoints of one run per learning rate (the best student so far is kept on disk, not in
+    memory: SmolLM2's teacher, student and optimiser already take gigabytes)."""
     checkpoints = set(steps)
     trials, best, losses = [], {"validation_mean": -1.0}, {}
-    for lr in lrs:
+    with tempfile.TemporaryDirectory(prefix="bench-compression-best-") as tmp:
+        snapshot = Path(tmp) / "student.pt"
+        for lr in lrs:
 
-        def look(step: int, student: torch.nn.Module, lr: float = lr) -> None:
-            if step not in checkpoints:
-                return
-            validation = workload.evaluate(student, keep, "validation")
-            trials.append({"lr": lr, "steps": step, "validation": validation,
-                           "validation_mean": _mean(validation.values())})  # fmt: skip
-            logger.info("%s %s %s recovery lr=%g step %d: validation %.4f", keep, size.label, method, lr, step,
-                        trials[-1]["validation_mean"])  # fmt: skip
-            if trials[-1]["validation_mean"] > best["validation_mean"]:
-                best.update(trials[-1], state=copy.deepcopy(student.state_dict()))
+            def look(step: int, student: torch.nn.Module, lr: float = lr) -> None:
+                if step not in checkpoints:
+                    return
+                validation = workload.evaluate(student, keep, "validation")
+                trials.append({"lr": lr, "steps": step, "validation": validation,
+                               "validation_mean": _mean(validation.values())})  # fmt: skip
+                logger.info("%s %s %s recovery lr=%g step %d: validation %.4f", keep, size.label, method, lr, step,
+                            trials[-1]["validation_mean"])  # fmt: skip
+                if trials[-1]["validation_mean"] > best["validation_mean"]:
+                    best.update(trials[-1])
+                    torch.save(student.state_dict(), snapshot)
 
-        model = _compress(workload, keep, size, method, fusion=fusion, recovery_steps=max(checkpoints),
-                          recovery_lr=lr, recovery_callback=look)  # fmt: skip
-        record = workload.merger.last_compression
-        losses[lr] = record["recovery"]
-    model.load_state_dict(best.pop("state"))
+            model = None  # the previous run's student goes before the next one is built
+            model = _compress(workload, keep, size, method, fusion=fusion, recovery_steps=max(checkpoints),
+                              recovery_lr=lr, recovery_callback=look)  # fmt: skip
+            record = workload.merger.last_compression
+            losses[lr] = record["recovery"]
+        model.load_state_dict(torch.load(snapshot))
     return {"keep": keep, "size": size.label, "method": method, "fusion": fusion, "trials": trials,
             "recovery": {"lr": best["lr"], "steps": best["steps"], "run": losses[best["lr"]]},
             "test": workload.evaluate(model, keep, "test"), **_size_record(model, record)}  # fmt: skip
@@ -347,6 +351,9 @@ def run_rows(workload: Workload, rows: CachedRows, args) -> None:
             rows[key] = pruned_row(workload, keep, size, method)
     if not args.recovery_lrs:
         return
+    # The pilot first, then the smallest sizes (where recovery matters most) before the larger ones.
+    sizes = [size.label for size in workload.sizes]
+    combos.sort(key=lambda c: (c[1].label != workload.pilot_size, -sizes.index(c[1].label)))
     pilot = (workload.keep[0], next(s for s in workload.sizes if s.label == workload.pilot_size), "taylor")
     combos = [pilot, *(combo for combo in combos if combo != pilot)]
     for index, (keep, size, method) in enumerate(combos):
