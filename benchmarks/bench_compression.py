@@ -89,6 +89,7 @@ class Workload:
     micro_batch_size: int
     pilot_size: str
     checkpoints: list[int]
+    lrs: list[float]
     protocol: dict[str, Any]
     cache: Path
 
@@ -119,7 +120,7 @@ def minilm_workload(args: argparse.Namespace) -> Workload:
         name="minilm", merger=merger, merged_dir=merged_dir, keep=[served[:2], served[:3]], sizes=sizes,
         calibration=lambda task: suite.calibration(task, calibration),
         evaluate=lambda body, tasks, split: suite.evaluate(body, split, tasks), micro_batch_size=8,
-        pilot_size="target=0.5", checkpoints=[50, 100, 200],
+        pilot_size="target=0.5", checkpoints=[50, 100, 200], lrs=[1e-4, 3e-4],
         protocol={"models": models, "scoring": "bf16 autocast" if suite.bf16 else "fp32",
                   "calibration_samples": calibration, "validation": 200, "test": 400, "seed": args.seed,
                   "validation_margin_of_merge": margins},
@@ -192,7 +193,7 @@ def lora_workload(args: argparse.Namespace, work: Path) -> Workload:
         name="smollm2", merger=merger, merged_dir=merged_dir, keep=[tasks[:2]],
         sizes=[Size("neuron_ratio=0.75", {"neuron_ratio": 0.75})], calibration=loaders.__getitem__,
         evaluate=evaluate, micro_batch_size=4, pilot_size="neuron_ratio=0.75",
-        checkpoints=[1, 2] if args.tiny else [25, 50, 100],
+        checkpoints=[1, 2] if args.tiny else [10, 25, 50], lrs=[3e-3, 1e-2] if args.tiny else [3e-5, 1e-4],
         protocol={"adapters": key, "model": "tiny Llama" if args.tiny else "SmolLM2-135M-Instruct (fp32)",
                   "calibration_samples": calibration, "validation": len(data[tasks[0]]["validation"]),
                   "test": len(data[tasks[0]]["test"]), "seed": args.seed},
@@ -226,7 +227,7 @@ def tiny_minilm_workload(args: argparse.Namespace, work: Path) -> Workload:
     sizes = [Size("target=0.75", {"target": 0.75}), Size("target=0.75,L1", {"target": 0.75, "num_hidden_layers": 1},
                                                          ("taylor",))]  # fmt: skip
     return Workload("minilm", merger, merged_dir, [list(tasks[:2])], sizes, calibration.__getitem__, evaluate, 8,
-                    "target=0.75", [1, 2], {"models": "tiny", "calibration_samples": 16, "seed": args.seed},
+                    "target=0.75", [1, 2], [3e-3, 1e-2], {"models": "tiny", "calibration_samples": 16, "seed": args.seed},
                     work / "rows-minilm.json")  # fmt: skip
 
 
@@ -349,7 +350,8 @@ def run_rows(workload: Workload, rows: CachedRows, args) -> None:
         key = f"{','.join(keep)}|{size.label}|{method}|r0"
         if key not in rows:
             rows[key] = pruned_row(workload, keep, size, method)
-    if not args.recovery_lrs:
+    lrs = workload.lrs if args.recovery_lrs is None else args.recovery_lrs
+    if not lrs:
         return
     # The pilot first, then the smallest sizes (where recovery matters most) before the larger ones.
     sizes = [size.label for size in workload.sizes]
@@ -359,8 +361,8 @@ def run_rows(workload: Workload, rows: CachedRows, args) -> None:
     for index, (keep, size, method) in enumerate(combos):
         key = f"{','.join(keep)}|{size.label}|{method}"
         if f"{key}|recovery" not in rows:
-            lrs = args.recovery_lrs if index == 0 else [rows[f"{_pilot_key(workload)}|recovery"]["recovery"]["lr"]]
-            rows[f"{key}|recovery"] = recovered_row(workload, keep, size, method, rows[f"{key}|r0"]["fusion"], lrs,
+            tried = lrs if index == 0 else [rows[f"{_pilot_key(workload)}|recovery"]["recovery"]["lr"]]
+            rows[f"{key}|recovery"] = recovered_row(workload, keep, size, method, rows[f"{key}|r0"]["fusion"], tried,
                                                     args.recovery_checkpoints or workload.checkpoints)  # fmt: skip
 
 
@@ -475,10 +477,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration-samples", type=int, default=None,
                         help="per kept task (default: minilm 256, smollm2 64; tiny 16 / 8)")  # fmt: skip
     parser.add_argument("--recovery-lrs", nargs="*", type=float, default=None,
-                        help="learning rates tried on the pilot row (default 1e-4 3e-4; tiny 3e-3 1e-2); none: no "
-                        "recovery rows")  # fmt: skip
+                        help="learning rates tried on the pilot row (default: minilm 1e-4 3e-4, smollm2 3e-5 1e-4; "
+                        "tiny 3e-3 1e-2); none: no recovery rows")  # fmt: skip
     parser.add_argument("--recovery-checkpoints", nargs="+", type=int, default=None,
-                        help="recovery steps tried (default: minilm 50 100 200, smollm2 25 50 100; tiny 1 2)")  # fmt: skip
+                        help="recovery steps tried (default: minilm 50 100 200, smollm2 10 25 50; tiny 1 2)")  # fmt: skip
     parser.add_argument("--seq-len", type=int, default=None, help="latency sequence length (default 128; 16 tiny)")
     parser.add_argument("--repeats", type=int, default=None, help="latency runs at batch 1 (default 10; 2 tiny)")
     parser.add_argument("--num-threads", type=int, default=1)
@@ -487,8 +489,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None, help="--tiny: where the tiny models go (default tmp)")
     args = parser.parse_args(argv)
     tiny = args.tiny
-    if args.recovery_lrs is None:
-        args.recovery_lrs = [3e-3, 1e-2] if tiny else [1e-4, 3e-4]
     for name, real, small in (("seq_len", 128, 16), ("repeats", 10, 2)):
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else real)
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for name in args.models:
             workload = _workload(name, args, args.work_dir or Path(tmp))
             protocols[name] = {**workload.protocol, "merged": workload.merged_dir.name, "seed": args.seed,
-                               "recovery_lrs": args.recovery_lrs,
+                               "recovery_lrs": workload.lrs if args.recovery_lrs is None else args.recovery_lrs,
                                "recovery_checkpoints": args.recovery_checkpoints or workload.checkpoints,
                                "repeats": args.repeats, "seq_len": args.seq_len}  # fmt: skip
             rows = CachedRows(workload.cache, protocols[name])
