@@ -6,7 +6,8 @@
    best neurons so that ``--target`` of the non-embedding parameters remain (BERT's heads cannot be removed:
    ``head_dim = hidden_size / num_attention_heads``). Once as it is, once with a short distillation from the
    uncompressed merge (``--recovery-steps``).
-3. Both compressed folders reload with stock ``AutoModel``; their heads are under ``heads/<task>.safetensors``.
+3. Both compressed folders reload with stock ``AutoModel``; their heads are under ``heads/<task>.safetensors``; their
+   cards show the kept tasks' accuracy before and after (``eval_fn``).
 
     python -m examples.compress                      # real MiniLM, keeps news + movie_sentiment at 50%
     python -m examples.compress --tiny               # tiny BERT: seconds
@@ -73,11 +74,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                       max_length=settings.max_length, show_progress=False)  # fmt: skip
         merged_dir = merger.merge(method="sta", output_dir=out / "merged", overwrite=True)
         calibration = {task: data[task]["train"] for task in keep}
+
+        def accuracy(body, task: str) -> float:  # measured by compress on both models, for the card
+            return score_body(body, heads[task], data[task]["test"], tokenizer, settings.max_length).accuracy
+
         rows, folders, records = {"STA merge (all tasks)": scores(AutoModel.from_pretrained(merged_dir))}, {}, {}
         for name, recovery in ((f"compressed to {target:g}", 0), (f"+ recovery ({steps} steps)", steps)):
             folders[name] = merger.compress(
                 merged_dir, keep_tasks=keep, data=calibration, target=target, recovery_steps=recovery,
-                num_samples=args.calibration_samples, max_length=settings.max_length, seed=args.seed,
+                num_samples=args.calibration_samples, max_length=settings.max_length, seed=args.seed, eval_fn=accuracy,
                 output_dir=out / f"compressed-r{recovery}", overwrite=True, show_progress=False,
             )  # fmt: skip
             records[name] = json.loads((folders[name] / "hf_sta_compression.json").read_text())

@@ -45,11 +45,13 @@ def _decoder(model_type: str, layers: int = 3):
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def _bert(layers: int = 2, heads: int = 2, intermediate: int = 48):
-    from transformers import BertModel
+def _bert(layers: int = 2, heads: int = 2, intermediate: int = 48, model_type: str = "bert"):
+    from transformers import BertModel, RobertaConfig, RobertaModel
 
     torch.manual_seed(0)
     config = tiny_bert_config(num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate)
+    if model_type == "roberta":
+        return RobertaModel(RobertaConfig(**{**config.to_dict(), "pad_token_id": 1})).eval()
     return BertModel(config).eval()
 
 
@@ -99,8 +101,9 @@ def test_decoder_outputs_equal_zeroed_columns(model_type, tmp_path):
             torch.testing.assert_close(reloaded(ids).last_hidden_state, result.model.model(ids).last_hidden_state)
 
 
-def test_bert_outputs_equal_zeroed_ffn_columns():
-    model = _bert()
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_bert_outputs_equal_zeroed_ffn_columns(model_type):
+    model = _bert(model_type=model_type)
     config = CompressionConfig(["a"], importance="random", intermediate_size=20, seed=1)
     result = compress_model(model, {"a": TaskHead()}, None, config)
     oracle = copy.deepcopy(model)
@@ -158,6 +161,31 @@ def test_parameter_count_matches_formula_and_target(target):
     assert bert_count == _bert_closed_form(bert_new) == bert_result.record["compressed"]["non_embedding_parameters"]
     assert _counted(bert, ("embeddings.",)) == _bert_closed_form(Widths.of(bert.config))
     assert bert_count <= target * _bert_closed_form(Widths.of(bert.config))
+
+
+def test_ratios_give_the_widths():
+    """head_ratio keeps round(ratio * G) whole key/value groups, neuron_ratio round(ratio * F) neurons (rounded down
+    to multiple_of); either combines with target, which then sets what is left."""
+
+    def widths(model, **options):
+        config = CompressionConfig(["a"], importance="magnitude", **options)
+        return Widths.of(compress_model(model, {"a": TaskHead()}, None, config).model.config)
+
+    llama = _decoder("llama")  # 4 query heads in 2 groups of 2, intermediate 64
+    got = widths(llama, head_ratio=0.5, neuron_ratio=0.75)
+    assert (got.num_attention_heads, got.num_key_value_heads, got.intermediate_size) == (2, 1, 48)
+    assert widths(llama, neuron_ratio=0.3, multiple_of=8).intermediate_size == 16  # round(19.2) = 19 -> 16
+    assert widths(llama, neuron_ratio=0.01).intermediate_size == 1
+    got = widths(llama, head_ratio=0.5, target=0.5)
+    half = 0.5 * _llama_closed_form(Widths.of(llama.config))  # the FFN takes what the heads leave
+    assert got.num_attention_heads == 2
+    assert got.intermediate_size == max(
+        f for f in range(65) if _llama_closed_form(got.with_(intermediate_size=f)) <= half
+    )
+    bert = _bert(heads=4)
+    assert widths(bert, head_ratio=1.0, neuron_ratio=0.5) == Widths.of(bert.config).with_(intermediate_size=24)
+    with pytest.raises(ConfigError, match="BERT-family"):
+        widths(bert, head_ratio=0.5)
 
 
 def test_multiple_of_rounds_the_ffn_width():
@@ -244,6 +272,34 @@ def test_ranking_keeps_structures_made_important():
     assert any(5 not in kept["neurons"] for kept in baseline.record["layers"].values())  # not kept by chance
 
 
+def test_scores_are_reused_for_the_same_data_only(monkeypatch):
+    """The score cache: a second call with the same DataLoader object or an equal Dataset reuses the scores; another
+    loader over the same rows (other batches) or another ranking seed is scored again."""
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    from hf_sta.compression import api
+
+    calls = []
+    monkeypatch.setattr(api, "task_scores", lambda *a, **k: calls.append(k["loader"]) or task_scores(*a, **k))
+    body, head, cache = _bert(), _bert_head(3, 5), {}
+    rows = _labelled(8, 7, 3, 0)
+    loader = DataLoader(rows.rename_column("label", "labels"), batch_size=4, collate_fn=default_data_collator)
+    other = DataLoader(rows.rename_column("label", "labels"), batch_size=2, collate_fn=default_data_collator)
+
+    def run(data, **options):
+        config = CompressionConfig(["t"], intermediate_size=24, num_samples=8, **options)
+        return compress_model(body, {"t": head}, {"t": data}, config, cache=cache).record["layers"]
+
+    first = run(loader)
+    assert run(loader) == first and len(calls) == 1
+    run(other)
+    run(rows.select(range(8))), run(rows.select(range(8)))  # equal Datasets (same fingerprint): scored once
+    assert len(calls) == 3
+    run(rows, importance="random", seed=1), run(rows, importance="random", seed=2)
+    assert len(calls) == 5
+
+
 def test_fusion_rules_closed_form():
     a = StructureScores(torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 2.0]]), torch.tensor([4.0]))
     b = StructureScores(torch.tensor([[30.0, 10.0]]), torch.tensor([[1.0, 3.0]]), torch.tensor([1.0]))
@@ -270,6 +326,13 @@ def test_fusion_rules_closed_form():
         (dict(num_hidden_layers=4), "num_hidden_layers"),
         (dict(target=0.5, intermediate_size=8), "not both"),
         (dict(), "nothing would be removed"),
+        (dict(head_ratio=0), "head_ratio"),
+        (dict(neuron_ratio=1.5), "neuron_ratio"),
+        (dict(neuron_ratio=True), "neuron_ratio"),
+        (dict(head_ratio=0.5, num_attention_heads=2), "not both"),
+        (dict(neuron_ratio=0.5, intermediate_size=8), "not both"),
+        (dict(neuron_ratio=0.5, target=0.5), "not both"),
+        (dict(head_ratio=1.0, neuron_ratio=1.0), "nothing would be removed"),
     ],
 )
 def test_bad_targets_are_refused(options, message):
@@ -303,6 +366,36 @@ def test_distill_loss_closed_form():
     assert float(distill_loss((z_t, h_t), (z_t, h_t), None, 2.0, 1.0)) == pytest.approx(0.0, abs=1e-7)
 
 
+def test_recovery_callback_sees_the_students_of_shorter_runs():
+    """With a constant learning rate, step k of a 4-step recovery is the student of a k-step recovery (what the
+    benchmark relies on to tune the number of steps in one run); the callback sees steps 1..4."""
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    from hf_sta.compression.recovery import distill
+
+    body, head = _bert(), _bert_head(3, 5)
+    loader = DataLoader(_labelled(8, 7, 3, 0).rename_column("label", "labels"), batch_size=4,
+                        collate_fn=default_data_collator)  # fmt: skip
+    pruned = compress_model(body, {"t": head}, None, CompressionConfig(["t"], importance="magnitude",
+                                                                       intermediate_size=24)).model  # fmt: skip
+    seen = {}
+
+    def snapshot(step, student):
+        seen[step] = {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+    long_run = copy.deepcopy(pruned)
+    distill(long_run, body, {"t": head}, {"t": loader}, steps=4, lr=1e-2, callback=snapshot)
+    assert sorted(seen) == [1, 2, 3, 4]
+    short_run = copy.deepcopy(pruned)
+    distill(short_run, body, {"t": head}, {"t": loader}, steps=2, lr=1e-2)
+    for key, value in short_run.state_dict().items():
+        torch.testing.assert_close(seen[2][key], value, rtol=0, atol=0)
+    assert not torch.equal(seen[2]["encoder.layer.0.output.dense.weight"], pruned.encoder.layer[0].output.dense.weight)
+    torch.testing.assert_close(seen[4]["encoder.layer.0.output.dense.weight"],
+                               long_run.encoder.layer[0].output.dense.weight, rtol=0, atol=0)  # fmt: skip
+
+
 def test_compress_merge_folder_end_to_end(bert_checkpoints, tmp_path, monkeypatch):
     """merge -> compress(folder) with recovery -> folder that AutoModel reloads; the JSON's kept neurons reproduce
     the model (before recovery) as the merged body with the other neurons' output columns zeroed."""
@@ -330,6 +423,19 @@ def test_compress_merge_folder_end_to_end(bert_checkpoints, tmp_path, monkeypatc
         torch.testing.assert_close(in_memory(ids).pooler_output, oracle(ids).pooler_output, **TOL)
 
     out = merger.compress(merged, **options, recovery_steps=4, accuracy={"news": 0.91}, output_dir=tmp_path / "edge")
+    # eval_fn measures both models: here a closed form that tells them apart (intermediate_size / 100 + task)
+    evaluated = merger.compress(
+        merged, **options, eval_fn=lambda model, task: model.config.intermediate_size / 100 + (task == "topic") / 10,
+        output_dir=tmp_path / "measured",
+    )  # fmt: skip
+    measured = json.loads((evaluated / "hf_sta_compression.json").read_text())
+    size = measured["compressed"]["intermediate_size"]
+    assert measured["accuracy"] == pytest.approx({"news": size / 100, "topic": size / 100 + 0.1})
+    assert measured["uncompressed_accuracy"] == pytest.approx({"news": 0.48, "topic": 0.58})
+    assert (
+        f"| topic | {size / 100 + 0.1:.4f} | 0.5800 | {(size / 100 + 0.1) / 0.58:.3f} |"
+        in (evaluated / "README.md").read_text()
+    )
     assert calls == ["news", "topic"]  # the second call on the same folder and data reused the scores
     assert sorted(p.name for p in (out / "heads").iterdir()) == ["news.safetensors", "topic.safetensors"]
     head = load_file(out / "heads" / "topic.safetensors")
@@ -349,7 +455,7 @@ def test_compress_merge_folder_end_to_end(bert_checkpoints, tmp_path, monkeypatc
     with torch.no_grad():  # recovery moved the weights away from the pruned merge
         assert not torch.allclose(reloaded(ids).pooler_output, in_memory(ids).pooler_output)
     card = (out / "README.md").read_text()
-    assert "news" in card and "0.9100" in card and "Recovery" in card
+    assert "news" in card and "| news | 0.9100 | - | - |" in card and "Recovery" in card
     from huggingface_hub import ModelCard
 
     data = ModelCard.load(out / "README.md").data
@@ -359,25 +465,40 @@ def test_compress_merge_folder_end_to_end(bert_checkpoints, tmp_path, monkeypatc
 
 
 def test_bench_compression_tiny(tmp_path):
-    """``--tiny`` runs every part (rows, latency, report) on a tiny BERT; rows are cached and reused."""
+    """``--tiny`` runs every part (rows with validation-chosen fusion and recovery, latency, report) on a tiny BERT
+    merge and a tiny Llama LoRA merge; rows are cached and reused."""
     from benchmarks import bench_compression
 
-    argv = ["--tiny", "--work-dir", str(tmp_path), "--targets", "0.75", "--methods", "taylor", "random",
-            "--layers", "1", "--recovery-steps", "2"]  # fmt: skip
+    argv = ["--tiny", "--work-dir", str(tmp_path), "--methods", "taylor", "random", "--recovery-checkpoints", "1",
+            "2"]  # fmt: skip
     result = bench_compression.main(argv)
-    rows = result["rows"]
+    bert, llama = result["rows"]["minilm"], result["rows"]["smollm2"]
     keep = "tweet_sentiment,product_sentiment"
-    assert set(rows) == {f"{keep}|uncompressed", *(f"{keep}|0.75|{m}|r{s}" for m in ("taylor", "random") for s in (0, 2)),
-                         f"{keep}|0.75|taylor|r0|L1", f"{keep}|0.75|taylor|r2|L1", "latency|0.75|threads1",
-                         "latency|0.75|threads1|L1"}  # fmt: skip
-    row = rows[f"{keep}|0.75|taylor|r0"]
-    assert row["size"]["non_embedding_parameters"] <= 0.75 * 18144 and 0 <= row["relative"] <= 2
-    assert rows[f"{keep}|0.75|taylor|r2"]["recovery"]["steps"] == 2
-    assert rows[f"{keep}|0.75|taylor|r0|L1"]["num_hidden_layers"] == 1
-    assert set(rows["latency|0.75|threads1"]["batches"]) == {"1", "32"}
-    assert result["summary"]["taylor"] and "| taylor |" in bench_compression.markdown(rows)
-    cached = json.loads((tmp_path / "rows.json").read_text())["rows"]
-    assert cached.keys() == rows.keys()
+    sizes = {"target=0.75": ("taylor", "random"), "target=0.75,L1": ("taylor",)}
+    expected = {
+        f"{keep}|{size}|{m}|{r}" for size, methods in sizes.items() for m in methods for r in ("r0", "recovery")
+    }
+    assert set(bert) == {f"{keep}|uncompressed", *expected, *(f"latency|{size}|threads1" for size in sizes)}
+    row = bert[f"{keep}|target=0.75|taylor|r0"]
+    assert row["non_embedding_parameters"] <= 0.75 * 18144 and 0 <= row["relative"] <= 2
+    assert {t["fusion"] for t in row["trials"]} == {"mean", "max"}
+    best = max(row["trials"], key=lambda t: t["validation_mean"])  # chosen on validation
+    assert row["fusion"] == best["fusion"]
+    pilot = bert[f"{keep}|target=0.75|taylor|recovery"]  # the learning rate is chosen on this row's validation
+    assert [(t["lr"], t["steps"]) for t in pilot["trials"]] == [(3e-3, 1), (3e-3, 2), (1e-2, 1), (1e-2, 2)]
+    chosen = max(pilot["trials"], key=lambda t: t["validation_mean"])
+    assert (pilot["recovery"]["lr"], pilot["recovery"]["steps"]) == (chosen["lr"], chosen["steps"])
+    assert pilot["recovery"]["run"]["steps"] == 2
+    other = bert[f"{keep}|target=0.75|random|recovery"]
+    assert {t["lr"] for t in other["trials"]} == {chosen["lr"]} and len(other["trials"]) == 2
+    assert bert[f"{keep}|target=0.75,L1|taylor|r0"]["num_hidden_layers"] == 1
+    assert set(bert["latency|target=0.75|threads1"]["batches"]) == {"1", "32"}
+    ffn = llama["tweet_sentiment,subjectivity|neuron_ratio=0.75|taylor|r0"]
+    assert ffn["intermediate_size"] == 48 and ffn["num_attention_heads"] == 4  # tiny Llama: 64 neurons, 4 heads
+    assert "latency|neuron_ratio=0.75|threads1" in llama
+    assert result["summary"]["taylor"] and "| taylor |" in bench_compression.markdown(result["rows"])
+    cached = json.loads((tmp_path / "rows-minilm.json").read_text())["rows"]
+    assert cached.keys() == bert.keys()
 
 
 def test_compress_example_tiny(tmp_path):
@@ -391,7 +512,12 @@ def test_compress_example_tiny(tmp_path):
     for row, folder in result["compressed_dirs"].items():
         assert sorted(p.name for p in (folder / "heads").iterdir()) == ["product_sentiment.safetensors",
                                                                        "tweet_sentiment.safetensors"]  # fmt: skip
-        assert result["records"][row]["kept_fraction"] <= 0.75
+        record = result["records"][row]
+        assert record["kept_fraction"] <= 0.75
+        assert record["accuracy"] == {t: result["scores"][row][t].accuracy for t in record["kept_tasks"]}
+        assert record["uncompressed_accuracy"] == {
+            t: result["scores"]["STA merge (all tasks)"][t].accuracy for t in record["kept_tasks"]
+        }
     assert all(0 <= s.accuracy <= 1 for row in result["scores"].values() for s in row.values())
 
 

@@ -46,6 +46,8 @@ class CompressionConfig:
     num_attention_heads: int | None = None
     intermediate_size: int | None = None
     num_hidden_layers: int | None = None
+    head_ratio: float | None = None
+    neuron_ratio: float | None = None
     importance: str = "taylor"
     fusion: str = "mean"
     num_samples: int | None = 128
@@ -127,8 +129,14 @@ def _score_key(task: str, index: int, config: CompressionConfig, data: Any, cust
         return ("magnitude",)
     if config.importance == "random":
         return ("random", config.seed + index)
-    fingerprint = dataset_fingerprint(data) if data is not None else None
-    if fingerprint is None or custom_loss:
+    if custom_loss or data is None:
+        return None
+    if isinstance(data, torch.utils.data.DataLoader):
+        # Its batches come from its own collate function and batch size: only the same loader object gives the same
+        # scores (the key holds it, so its id is not reused).
+        return (task, "taylor", data, config.num_samples)
+    fingerprint = dataset_fingerprint(data)
+    if fingerprint is None:
         return None
     return (task, "taylor", fingerprint, config.num_samples, config.micro_batch_size, config.max_length)
 
@@ -198,17 +206,21 @@ def compress_model(
     loss_fn: Mapping[str, Callable] | None = None,
     show_progress: bool = False,
     cache: dict | None = None,
+    recovery_callback: Callable[[int, nn.Module], None] | None = None,
+    eval_fn: Callable[[nn.Module, str], float] | None = None,
 ) -> CompressionResult:
     """Score, select and build the compressed model in memory (``model`` is left unchanged). ``cache``: a dict kept
     by the caller for this one model, in which per-task scores are reused across calls (same data fingerprint,
-    ranking and calibration settings)."""
+    ranking and calibration settings). ``recovery_callback(step, model)``: called after each recovery step.
+    ``eval_fn(model, task) -> accuracy``: measured on the compressed and the uncompressed model for every kept task
+    (``record["accuracy"]``, ``record["uncompressed_accuracy"]``; the card shows both)."""
     spec = architecture_spec(model)
     original = Widths.of(model.config)
     budget = ParameterBudget.of(model, spec, original)
     widths = solve_widths(
         original, budget, spec, target=config.target, num_attention_heads=config.num_attention_heads,
         intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-        multiple_of=config.multiple_of,
+        head_ratio=config.head_ratio, neuron_ratio=config.neuron_ratio, multiple_of=config.multiple_of,
     )  # fmt: skip
     data, loss_fn = dict(data or {}), dict(loss_fn or {})
     loaders = _calibration_loaders(model, heads, data, config, tokenizer, loss_fn)
@@ -220,11 +232,14 @@ def compress_model(
         recovery = distill(
             pruned, model, heads, loaders, steps=config.recovery_steps, lr=config.recovery_lr,
             temperature=config.recovery_temperature, hidden_weight=config.recovery_hidden_weight, seed=config.seed,
-            show_progress=show_progress,
+            show_progress=show_progress, callback=recovery_callback,
         )  # fmt: skip
         recovery.update(lr=config.recovery_lr, temperature=config.recovery_temperature,
                         hidden_weight=config.recovery_hidden_weight)  # fmt: skip
     record = _record(config, plan, original, widths, model, pruned, spec, budget, loaders, recovery)
+    if eval_fn is not None:
+        record["accuracy"] = {task: float(eval_fn(pruned, task)) for task in config.keep_tasks}
+        record["uncompressed_accuracy"] = {task: float(eval_fn(model, task)) for task in config.keep_tasks}
     logger.info("compress: %d -> %d non-embedding parameters (%.1f%%)", record["original"]["non_embedding_parameters"],
                 record["compressed"]["non_embedding_parameters"], 100 * record["kept_fraction"])  # fmt: skip
     return CompressionResult(pruned, {task: heads[task] for task in config.keep_tasks}, record, plan)
@@ -251,7 +266,9 @@ def save_compressed(
         for task, head in result.heads.items():
             if head.tensors:
                 save_tensors(tmp / HEADS_FOLDER / f"{task}.safetensors", head.tensors, {"task": task})
-        record = {**result.record, "accuracy": dict(accuracy) if accuracy else None}
+        record = {**result.record}
+        if accuracy or "accuracy" not in record:
+            record["accuracy"] = {task: float(value) for task, value in accuracy.items()} if accuracy else None
         record["file_size_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         (tmp / COMPRESSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         write_compressed_card(tmp, record, model_name=model_name or output.name, base_model=base_model)
@@ -288,6 +305,8 @@ class CompressMixin:
         num_attention_heads: int | None = None,
         intermediate_size: int | None = None,
         num_hidden_layers: int | None = None,
+        head_ratio: float | None = None,
+        neuron_ratio: float | None = None,
         importance: str = "taylor",
         fusion: str = "mean",
         num_samples: int | None = 128,
@@ -301,7 +320,9 @@ class CompressMixin:
         seed: int = 0,
         loss_fn: Mapping[str, Callable] | None = None,
         tokenizer: Any = None,
+        eval_fn: Callable[[nn.Module, str], float] | None = None,
         accuracy: Mapping[str, float] | None = None,
+        recovery_callback: Callable[[int, nn.Module], None] | None = None,
         output_dir: str | os.PathLike | None = None,
         overwrite: bool = False,
         show_progress: bool = True,
@@ -315,16 +336,21 @@ class CompressMixin:
         batch)}`` overrides ``model(**batch).loss``). ``target``: fraction of non-embedding parameters kept, in
         (0, 1); or give the widths directly: ``num_attention_heads`` (a multiple of the query heads per key/value
         group; decoders only), ``intermediate_size``, ``num_hidden_layers`` (also allowed with ``target``, which then
-        sets the widths left). ``importance``: ``taylor`` | ``magnitude`` | ``random`` (baselines). ``fusion``:
+        sets the widths left); or as ratios kept, in (0, 1]: ``head_ratio`` (of the key/value groups, rounded; whole
+        groups go) and ``neuron_ratio`` (of ``intermediate_size``). ``importance``: ``taylor`` | ``magnitude`` | ``random`` (baselines). ``fusion``:
         ``mean`` | ``max`` over the per-task normalised scores. ``multiple_of``: round ``intermediate_size`` down
         to a multiple (faster kernels). ``recovery_steps``: distillation steps from the uncompressed model (0: off;
-        see ``hf_sta.compression.recovery``). ``accuracy``: measured ``{task: accuracy}`` for the card.
+        see ``hf_sta.compression.recovery``; ``recovery_callback(step, model)`` is called after each step).
+        ``eval_fn(model, task) -> float``: the kept tasks' accuracy, measured on the compressed and on the uncompressed
+        model (``model`` is of the class compressed, e.g. a ``BertModel`` body: apply the task's head yourself),
+        recorded and shown in the card; or ``accuracy``: ``{task: accuracy}`` measured elsewhere.
         ``output_dir``: write the folder and return its path; else return the compressed model (its record in
         :attr:`last_compression`, its heads in :attr:`last_compression_heads`).
         """
         config = CompressionConfig(
             keep_tasks=list(keep_tasks), target=target, num_attention_heads=num_attention_heads,
-            intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers, importance=importance,
+            intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers, head_ratio=head_ratio,
+            neuron_ratio=neuron_ratio, importance=importance,
             fusion=fusion, num_samples=num_samples, micro_batch_size=micro_batch_size, max_length=max_length,
             multiple_of=multiple_of, recovery_steps=recovery_steps, recovery_lr=recovery_lr,
             recovery_temperature=recovery_temperature, recovery_hidden_weight=recovery_hidden_weight, seed=seed,
@@ -340,7 +366,8 @@ class CompressMixin:
         # Scores of a folder's model are reused by later calls on the same folder (sizes, rankings, recovery differ).
         cache = self._compression_cache(folder)
         result = compress_model(model, heads, data, config, tokenizer=tokenizer, loss_fn=loss_fn,
-                                show_progress=show_progress, cache=cache)  # fmt: skip
+                                show_progress=show_progress, cache=cache, recovery_callback=recovery_callback,
+                                eval_fn=eval_fn)  # fmt: skip
         self.last_compression, self.last_compression_heads = result.record, result.heads
         if output_dir is None:
             return result.model

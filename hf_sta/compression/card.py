@@ -36,6 +36,17 @@ def _removed(original: Mapping[str, int], compressed: Mapping[str, int]) -> str:
     return " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts) or "no structures"
 
 
+def _accuracy_rows(compressed: Mapping[str, float], uncompressed: Mapping[str, float]) -> list[dict[str, str]]:
+    """One row per task: compressed accuracy, and when measured the uncompressed one and their ratio."""
+    rows = []
+    for task, value in compressed.items():
+        before = uncompressed.get(task)
+        ratio = f"{value / before:.3f}" if before else "-"
+        rows.append({"task": md_escape(task), "value": f"{value:.4f}",
+                     "before": f"{before:.4f}" if before is not None else "-", "ratio": ratio})  # fmt: skip
+    return rows
+
+
 def write_compressed_card(folder: Path, record: Mapping[str, Any], *, model_name: str, base_model: Any = None) -> Path:
     """Render the card into ``folder/README.md`` and return its path."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -60,7 +71,7 @@ def write_compressed_card(folder: Path, record: Mapping[str, Any], *, model_name
         "recovery": {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in recovery.items()}
         if recovery
         else None,
-        "accuracy": [{"task": md_escape(t), "value": f"{v:.4f}"} for t, v in (record.get("accuracy") or {}).items()],
+        "accuracy": _accuracy_rows(record.get("accuracy") or {}, record.get("uncompressed_accuracy") or {}),
         "folder": json.dumps(model_name),  # a Python string literal in the code block
     }
     card = ModelCard.from_template(data, template_path=str(template_path("compressed")), **context)

@@ -6,6 +6,10 @@ parameters, see ``ParameterBudget``) is met as follows: whole layers first when 
 then, on decoders, the number of key/value groups ``G'`` and neurons ``F'`` that keep the two ratios ``G'/G`` and
 ``F'/F`` closest (for each ``G'`` the largest ``F'`` within budget; ties keep more heads); on BERT-family models
 neurons only. ``F'`` is rounded down to a multiple of ``multiple_of``. The result never exceeds the target.
+
+Ratios (``head_ratio``, ``neuron_ratio``: the fraction kept, in (0, 1]) are turned into counts first:
+``G' = max(1, round(head_ratio * G))`` whole key/value groups (``num_attention_heads = G' * n_rep``) and
+``F' = max(m, floor(round(neuron_ratio * F) / m) * m)`` neurons with ``m = multiple_of``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,19 @@ def _check_count(value: int | None, name: str, low: int, high: int) -> None:
         raise ConfigError(f"compress: {name} must be an integer in [{low}, {high}], got {value!r}.")
 
 
+def _ratio_count(
+    ratio: float | None, name: str, total: int, step: int, counterpart: int | None, other: str
+) -> int | None:
+    """``max(step, round(ratio * total) // step * step)``: the count a kept ``ratio`` stands for (``None``: none)."""
+    if ratio is None:
+        return None
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+        raise ConfigError(f"compress: {name} is the fraction kept, in (0, 1]; got {ratio!r}.")
+    if counterpart is not None:
+        raise ConfigError(f"compress: give {name}= or {other}=, not both.")
+    return max(step, round(ratio * total) // step * step)
+
+
 def solve_widths(
     widths: Widths,
     budget: ParameterBudget,
@@ -54,6 +71,8 @@ def solve_widths(
     num_attention_heads: int | None = None,
     intermediate_size: int | None = None,
     num_hidden_layers: int | None = None,
+    head_ratio: float | None = None,
+    neuron_ratio: float | None = None,
     multiple_of: int = 1,
 ) -> Widths:
     """The compressed widths (see the module docstring); every error names the argument at fault."""
@@ -61,6 +80,16 @@ def solve_widths(
     _check_count(num_attention_heads, "num_attention_heads", 1, widths.num_attention_heads)
     _check_count(intermediate_size, "intermediate_size", 1, widths.intermediate_size)
     _check_count(multiple_of, "multiple_of", 1, widths.intermediate_size)
+    groups = _ratio_count(head_ratio, "head_ratio", widths.num_key_value_heads, 1, num_attention_heads,
+                          "num_attention_heads")  # fmt: skip
+    if groups is not None:
+        num_attention_heads = groups * widths.heads_per_group
+    neurons = _ratio_count(neuron_ratio, "neuron_ratio", widths.intermediate_size, multiple_of, intermediate_size,
+                           "intermediate_size")  # fmt: skip
+    if neurons is not None:
+        if target is not None:
+            raise ConfigError("compress: give target= or neuron_ratio=, not both (target sets the FFN width).")
+        intermediate_size = neurons
     if target is not None and (isinstance(target, bool) or not isinstance(target, int | float) or not 0 < target < 1):
         raise ConfigError(
             f"compress: target is the fraction of non-embedding parameters kept, in (0, 1) exclusive; got {target!r}."
@@ -84,7 +113,7 @@ def solve_widths(
             new = new.with_(intermediate_size=intermediate_size)
         if new == widths:
             raise ConfigError("compress: give target= or a smaller num_attention_heads / intermediate_size / "
-                              "num_hidden_layers; nothing would be removed.")  # fmt: skip
+                              "num_hidden_layers / head_ratio / neuron_ratio; nothing would be removed.")  # fmt: skip
         return new
     if intermediate_size is not None:
         raise ConfigError("compress: give target= or intermediate_size=, not both (target sets the FFN width).")

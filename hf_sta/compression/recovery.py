@@ -10,14 +10,16 @@ with ``z`` the task's logits (``[B, C]`` for classifiers; ``[B, S, V]`` for caus
 tokens) and ``h`` the last hidden state ``[B, S, hidden]`` (hidden_size is never pruned, so the two align; averaged
 over non-padding tokens). The labels in the batches are not used. Only the student body is trained (AdamW,
 constant learning rate, gradient norm clipped to 1); task heads are shipped unchanged. Dropout is off (eval mode),
-so a run is a deterministic function of the data and seed.
+so a run is a deterministic function of the data and seed: with a constant learning rate, the student after step
+``k`` of an ``n``-step run is the student of a ``k``-step run, so one run with a ``callback`` that looks at steps
+``k_1 < k_2 < ...`` tunes the number of steps.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -69,9 +71,11 @@ def distill(
     hidden_weight: float = 1.0,
     seed: int = 0,
     show_progress: bool = False,
+    callback: Callable[[int, nn.Module], None] | None = None,
 ) -> dict[str, float]:
     """Train ``student`` in place for ``steps`` steps (see the module docstring); returns the mean loss over the
-    first and the last 10% of the steps (``first_loss``, ``last_loss``)."""
+    first and the last 10% of the steps (``first_loss``, ``last_loss``). ``callback(step, student)`` is called after
+    each optimizer step (``step`` counts from 1), e.g. to evaluate the student on validation data."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -102,6 +106,8 @@ def distill(
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         losses.append(float(loss.detach()))
+        if callback is not None:
+            callback(step + 1, student)
     optimizer.zero_grad(set_to_none=True)
     for p in teacher.parameters():
         p.requires_grad_(teacher_grad[id(p)])
