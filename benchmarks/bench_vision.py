@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import vision_methods
+from benchmarks import method_runs, vision_methods
 from benchmarks.vision import (
     HEAD_PATTERNS,
     FinetuneConfig,
@@ -72,8 +72,8 @@ NEW_METHODS = {
     "learned": vision_methods.LEARNED,
 }
 TINY_NEW_METHODS = {
-    "data_free": vision_methods.TINY_DATA_FREE,
-    "data_aware": vision_methods.TINY_DATA_AWARE,
+    "data_free": method_runs.TINY_DATA_FREE,
+    "data_aware": method_runs.TINY_DATA_AWARE,
     "learned": vision_methods.TINY_LEARNED,
 }
 CALIBRATION_SAMPLES = 64

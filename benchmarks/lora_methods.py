@@ -26,26 +26,25 @@ from typing import Any
 import torch
 
 from benchmarks.harness import mean
-from benchmarks.method_runs import DATA_AWARE_GRIDS, DATA_FREE_GRIDS, measured
+from benchmarks.method_runs import (
+    DATA_AWARE_GRIDS,
+    DATA_FREE_GRIDS,
+    METHOD_LABELS,
+    TINY_DATA_AWARE,
+    TINY_DATA_FREE,
+    measured,
+)
 
 LEARNED = {
     "adamerging": {"granularity": "layer", "steps": 30, "lr": 1e-2, "batch_size": 8},
     "dv_basi": {"granularity": "tensor", "steps": 15, "rounds": 3, "lr": 1e-2, "batch_size": 8},
 }
-TINY_DATA_FREE = {"tsv": [{"scaling": 1.0}], "iso_cts": [{"scaling": 1.0}]}
-TINY_DATA_AWARE = {"fisher": [{"scaling": 1.0}], "regmean": [{"alpha": 0.9, "scaling": 1.0}]}
 TINY_LEARNED = {
     "adamerging": {"granularity": "layer", "steps": 2, "lr": 1e-2, "batch_size": 4},
     "dv_basi": {"granularity": "tensor", "steps": 2, "rounds": 2, "lr": 1e-2, "batch_size": 4},
 }
 LABELS = {
-    "tsv": "TSV-M (tuned)",
-    "iso_c": "Iso-C (tuned)",
-    "iso_cts": "Iso-CTS (tuned)",
-    "cart": "CART (tuned)",
-    "wudi": "WUDI",
-    "fisher": "Fisher (tuned)",
-    "regmean": "RegMean (tuned)",
+    **METHOD_LABELS,
     "adamerging": "AdaMerging, layer-wise (entropy, unlabelled validation prompts)",
     "dv_basi": "DV-BASI, tensor-wise (labelled calibration prompts)",
 }

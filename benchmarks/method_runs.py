@@ -39,6 +39,21 @@ LEARNED = {
 }
 
 
+TINY_DATA_FREE = {"tsv": [{"scaling": 1.0}], "iso_cts": [{"scaling": 1.0}]}
+"""The grids of the other benchmarks' ``--tiny`` runs (one point each: they test the pipeline, not the method)."""
+TINY_DATA_AWARE = {"fisher": [{"scaling": 1.0}], "regmean": [{"alpha": 0.9, "scaling": 1.0}]}
+METHOD_LABELS = {
+    "tsv": "TSV-M (tuned)",
+    "iso_c": "Iso-C (tuned)",
+    "iso_cts": "Iso-CTS (tuned)",
+    "cart": "CART (tuned)",
+    "wudi": "WUDI",
+    "fisher": "Fisher (tuned)",
+    "regmean": "RegMean (tuned)",
+}
+"""Table labels of the issue-13 methods with a grid (the learned ones are labelled per benchmark: their data differ)."""
+
+
 @contextmanager
 def measured(row: dict):
     """Record ``seconds`` and ``peak_rss_mb`` (peak resident memory above the level at entry) into ``row``."""

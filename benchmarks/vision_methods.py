@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.method_runs import METHOD_LABELS
 from benchmarks.vision import classification_loss
 
 DATA_FREE_GRIDS = {
@@ -35,20 +36,12 @@ LEARNED = {
     "adamerging": {"granularity": "layer", "steps": 60, "lr": 1e-2, "batch_size": 16},
     "dv_basi": {"granularity": "tensor", "steps": 30, "rounds": 3, "lr": 1e-2, "batch_size": 16},
 }
-TINY_DATA_FREE = {"tsv": [{"scaling": 1.0}], "iso_cts": [{"scaling": 1.0}]}
-TINY_DATA_AWARE = {"fisher": [{"scaling": 1.0}], "regmean": [{"alpha": 0.9, "scaling": 1.0}]}
 TINY_LEARNED = {
     "adamerging": {"granularity": "layer", "steps": 3, "lr": 1e-2, "batch_size": 8},
     "dv_basi": {"granularity": "tensor", "steps": 3, "rounds": 2, "lr": 1e-2, "batch_size": 8},
 }
 LABELS = {
-    "tsv": "TSV-M (tuned)",
-    "iso_c": "Iso-C (tuned)",
-    "iso_cts": "Iso-CTS (tuned)",
-    "cart": "CART (tuned)",
-    "wudi": "WUDI",
-    "fisher": "Fisher (tuned)",
-    "regmean": "RegMean (tuned)",
+    **METHOD_LABELS,
     "adamerging": "AdaMerging, layer-wise (entropy on validation inputs)",
     "dv_basi": "DV-BASI (few labelled train examples)",
 }
