@@ -2,11 +2,11 @@
 
 Task vectors are the adapters' dense updates of q/k/v/o (``2 * B @ A``), so every method works on 2-D matrices:
 
-* data-free (``tsv``, ``iso_c``, ``iso_cts``, ``cart``, ``wudi``): tuned on validation over the same grids as the
-  six-task MiniLM benchmark (:data:`benchmarks.method_runs.DATA_FREE_GRIDS`);
+* data-free (``tsv``, ``iso_c``, ``iso_cts``, ``cart``, ``wudi``): validation picks between the six-task MiniLM
+  suite's choice and the neutral setting (:data:`DATA_FREE`; a full grid does not fit this CPU's budget);
 * ``fisher``: per-sample squared gradients (micro-batches of 1) of the answer-token loss at each task's adapted
   weights, on the calibration prompts; ``regmean``: the input Grams of every linear layer of the adapted model on
-  the same prompts (padding excluded); grids :data:`benchmarks.method_runs.DATA_AWARE_GRIDS`;
+  the same prompts (padding excluded); both at the six-task suite's choice (:data:`DATA_AWARE`);
 * ``adamerging`` (layer-wise): entropy of the answer words' distribution at the end of each task's *unlabelled*
   validation prompts (test-time adaptation, labels never read); ``dv_basi`` (tensor-wise): cross entropy of the
   answer words on the labelled calibration (training) prompts, its round plateau judged on validation.
@@ -27,8 +27,6 @@ import torch
 
 from benchmarks.harness import mean
 from benchmarks.method_runs import (
-    DATA_AWARE_GRIDS,
-    DATA_FREE_GRIDS,
     METHOD_LABELS,
     TINY_DATA_AWARE,
     TINY_DATA_FREE,
@@ -43,6 +41,17 @@ TINY_LEARNED = {
     "adamerging": {"granularity": "layer", "steps": 2, "lr": 1e-2, "batch_size": 4},
     "dv_basi": {"granularity": "tensor", "steps": 2, "rounds": 2, "lr": 1e-2, "batch_size": 4},
 }
+DATA_FREE = {
+    "tsv": [{"scaling": 0.7}, {"scaling": 1.0}],
+    "iso_c": [{"scaling": 2.0}, {"scaling": 1.0}],
+    "iso_cts": [{"scaling": 2.0}, {"scaling": 1.0}],
+    "cart": [{"scaling": 1.0, "low_rank_coefficient": 2.0}, {"scaling": 1.0, "low_rank_coefficient": 1.0}],
+    "wudi": [{"scaling": 1.0}],
+}
+"""Two points per method: the six-task suite's choice (every seed chose it; ``benchmarks/results/merging.json``) and
+the neutral one; validation picks between them (ties go to the first). A full grid costs ~3 CPU-minutes per point."""
+DATA_AWARE = {"fisher": [{"scaling": 1.0}], "regmean": [{"alpha": 0.9, "scaling": 1.0}]}
+"""The six-task suite's choice, taken as is (no validation point spent)."""
 LABELS = {
     **METHOD_LABELS,
     "adamerging": "AdaMerging, layer-wise (entropy, unlabelled validation prompts)",
@@ -121,10 +130,10 @@ def run_new_methods(bench: dict, tiny: bool) -> dict[str, dict]:
     with measured(timing):
         merger.merge(method="task_arithmetic", scaling=0.5)
     unit_merge = timing["seconds"]
-    for method, grid in (TINY_DATA_FREE if tiny else DATA_FREE_GRIDS).items():
+    for method, grid in (TINY_DATA_FREE if tiny else DATA_FREE).items():
         rows[method] = _tuned(merger, method, grid, validation_score, score_test, examples_per_task=0, learnable=0)
     samples = bench["calibration_samples"]
-    for method, grid in (TINY_DATA_AWARE if tiny else DATA_AWARE_GRIDS).items():
+    for method, grid in (TINY_DATA_AWARE if tiny else DATA_AWARE).items():
         measure: dict = {}
         with measured(measure):
             for task in tasks:
