@@ -277,6 +277,38 @@ def score_body(
     return score(lambda inputs: body(**inputs).pooler_output @ weight.T + bias, split, tokenizer, max_length)
 
 
+@dataclass
+class TaskModels:
+    """The fine-tuned models of ``tasks`` with what scoring them needs: the base folder, ``{task: fine-tuned
+    folder}``, each task's splits and head, and the tokenizer (:func:`finetuned_models` under ``root``)."""
+
+    base: Path
+    models: dict[str, Path]
+    data: dict[str, datasets.DatasetDict]
+    heads: dict[str, dict[str, torch.Tensor]]
+    tokenizer: Any
+    max_length: int
+
+    @classmethod
+    def build(cls, tasks: Sequence[str], settings: Settings, root: Path) -> TaskModels:
+        base, models = finetuned_models(tasks, settings, root)
+        return cls(
+            base=base,
+            models=models,
+            data={task: load_splits(task, settings) for task in tasks},
+            heads={task: read_head(folder) for task, folder in models.items()},
+            tokenizer=load_tokenizer(base),
+            max_length=settings.max_length,
+        )
+
+    def scores(self, body: torch.nn.Module, split: str = "test", tasks: Sequence[str] | None = None) -> dict:
+        """``{task: Scores}`` of a shared ``BertModel`` body with each task's own head on ``split``."""
+        return {
+            task: score_body(body, self.heads[task], self.data[task][split], self.tokenizer, self.max_length)
+            for task in (tasks or self.models)
+        }
+
+
 def print_table(title: str, rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
     """A markdown table: one row per model, one column per key (floats with 3 decimals)."""
     columns = list(columns or next(iter(rows.values())).keys())

@@ -23,14 +23,10 @@ from benchmarks.finetune import torch_threads
 from benchmarks.tasks import TASKS
 from examples._common import (
     Settings,
+    TaskModels,
     add_common_arguments,
-    finetuned_models,
-    load_splits,
-    load_tokenizer,
     print_table,
     quiet,
-    read_head,
-    score_body,
 )
 from hf_sta import STAMerger
 
@@ -60,13 +56,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with quiet(), torch_threads(args.num_threads):
         out = args.output_dir
         out.mkdir(parents=True, exist_ok=True)
-        base, models = finetuned_models(args.tasks, settings, out / "work")
-        data = {task: load_splits(task, settings) for task in args.tasks}
-        tokenizer = load_tokenizer(base)
-        heads = {task: read_head(folder) for task, folder in models.items()}
+        bench = TaskModels.build(args.tasks, settings, out / "work")
+        base, models, data = bench.base, bench.models, bench.data
 
         def scores(body) -> dict:
-            return {t: score_body(body, heads[t], data[t]["test"], tokenizer, settings.max_length) for t in keep}
+            return bench.scores(body, "test", keep)
 
         merger = STAMerger.from_pretrained(base, finetuned=models)
         for task in args.tasks:
@@ -76,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         calibration = {task: data[task]["train"] for task in keep}
 
         def accuracy(body, task: str) -> float:  # measured by compress on both models, for the card
-            return score_body(body, heads[task], data[task]["test"], tokenizer, settings.max_length).accuracy
+            return bench.scores(body, "test", [task])[task].accuracy
 
         rows, folders, records = {"STA merge (all tasks)": scores(AutoModel.from_pretrained(merged_dir))}, {}, {}
         for name, recovery in ((f"compressed to {target:g}", 0), (f"+ recovery ({steps} steps)", steps)):

@@ -20,14 +20,10 @@ from benchmarks.finetune import torch_threads
 from benchmarks.tasks import TASKS
 from examples._common import (
     Settings,
+    TaskModels,
     add_common_arguments,
-    finetuned_models,
-    load_splits,
-    load_tokenizer,
     print_table,
     quiet,
-    read_head,
-    score_body,
 )
 from hf_sta import STAMerger
 
@@ -55,13 +51,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with quiet(), torch_threads(args.num_threads):
         out = args.output_dir
         out.mkdir(parents=True, exist_ok=True)
-        base, models = finetuned_models(args.tasks, settings, out / "work")
-        data = {task: load_splits(task, settings) for task in args.tasks}
-        tokenizer = load_tokenizer(base)
-        heads = {task: read_head(folder) for task, folder in models.items()}
-
-        def scores(body, split: str = "test", tasks=args.tasks) -> dict:
-            return {t: score_body(body, heads[t], data[t][split], tokenizer, settings.max_length) for t in tasks}
+        bench = TaskModels.build(args.tasks, settings, out / "work")
+        base, models, data = bench.base, bench.models, bench.data
+        scores = bench.scores
 
         merger = STAMerger.from_pretrained(base, finetuned=models)
         for task in args.tasks:

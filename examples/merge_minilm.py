@@ -19,10 +19,8 @@ from benchmarks.finetune import torch_threads
 from benchmarks.tasks import TASKS
 from examples._common import (
     Settings,
+    TaskModels,
     add_common_arguments,
-    finetuned_models,
-    load_splits,
-    load_tokenizer,
     print_table,
     quiet,
     read_head,
@@ -47,10 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     with quiet(), torch_threads(args.num_threads):
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        base, models = finetuned_models(args.tasks, settings, args.output_dir / "work")
-        data = {task: load_splits(task, settings) for task in args.tasks}
-        tokenizer = load_tokenizer(base)
-        heads = {task: read_head(folder) for task, folder in models.items()}
+        bench = TaskModels.build(args.tasks, settings, args.output_dir / "work")
+        base, models, data, heads, tokenizer = bench.base, bench.models, bench.data, bench.heads, bench.tokenizer
 
         merger = STAMerger.from_pretrained(base, finetuned=models)  # classifier heads are kept per task, not merged
         for task in args.tasks:

@@ -24,14 +24,10 @@ from benchmarks.tasks import TASKS
 from benchmarks.unlearning_scoring import head_loss, head_predict, majority_rate
 from examples._common import (
     Settings,
+    TaskModels,
     add_common_arguments,
-    finetuned_models,
-    load_splits,
-    load_tokenizer,
     print_table,
     quiet,
-    read_head,
-    score_body,
 )
 from hf_sta import STAMerger
 
@@ -57,13 +53,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with quiet(), torch_threads(args.num_threads):
         out = args.output_dir
         out.mkdir(parents=True, exist_ok=True)
-        base, models = finetuned_models(args.tasks, settings, out / "work")
-        data = {task: load_splits(task, settings) for task in args.tasks}
-        tokenizer = load_tokenizer(base)
-        heads = {task: read_head(folder) for task, folder in models.items()}
-
-        def scores(body, split: str = "test", tasks=args.tasks) -> dict:
-            return {t: score_body(body, heads[t], data[t][split], tokenizer, settings.max_length) for t in tasks}
+        bench = TaskModels.build(args.tasks, settings, out / "work")
+        base, models, data, heads, tokenizer = bench.base, bench.models, bench.data, bench.heads, bench.tokenizer
+        scores = bench.scores
 
         def accuracy(body) -> float:  # the forgotten task on validation
             return scores(body, "validation", [forget])[forget].accuracy
