@@ -21,7 +21,8 @@ Protocol:
   head per task, the recipe of ``benchmarks.finetune``: 2 epochs of batch 16 at lr 1e-4; the checkpoint with the
   best validation mean of 4 kept).
 * Cost: trainable parameters against the sources' total; training time (AKF: the sources' one pass over the
-  training texts + the fusion steps; the multi-task fine-tune: its steps) as a ratio measured in the same run;
+  training texts + the fusion steps; the multi-task fine-tune: its steps) as a ratio to the multi-task fine-tune
+  (measured in one run with ``--stage all``; stage by stage, each part in its own run, at that run's machine load);
   latency of predicting every task for ``--latency-texts`` texts (the fused model in one call against each source's
   own forward pass one after another, medians of interleaved repeats) and parameter memory.
 * Precision: every source forward pass (encoding, scoring, merges, the multi-task model, latency) runs under CPU
@@ -667,6 +668,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         if path.is_file():
             part = json.loads(path.read_text())
             result["rows"].update(part.pop("rows"))
+            if stage == "fusion-fresh":  # its own encoding (other texts), not the source-train run's
+                part["encode_seconds_fresh"] = part.pop("encode_seconds")
             result.update({k: v for k, v in part.items() if k != "tasks"})
     if "individual" not in result["rows"]:
         raise SystemExit("Run --stage fusion first: the report needs the individual models' scores.")
