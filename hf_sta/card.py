@@ -513,60 +513,27 @@ def render_model_card(
     forget = recipe.get("forget") or {}
     merge = recipe.get("merge") or {}
     section = forget if kind == "forgotten" or (kind == "adapter" and forget) else merge
-    method_name = str(section.get("method") or ("sta" if section is forget else "task_arithmetic"))
-    method = _method_info(method_name)
-    if section is forget:
-        docs = _FORGET_PARAMETER_DOCS
-        if method_name == "negation":
-            method = {**method, "parameters": {}}
-        else:  # forgetting selects with STA's masks; `overlap` is a merge option
-            method = {**method, "parameters": {k: v for k, v in method["parameters"].items() if k != "overlap"}}
-    else:
-        docs = _COMMON_PARAMETER_DOCS
-
+    method_name, method, docs = _card_method(section, section is forget)
     base_model = recipe.get("base_model")
     ids = _recipe_hub_ids(recipe)
-    inputs = [{"role": "base model", "task": "", "source": _source_cell(base_model, ids.get(BASE_KEY))}]
-    lineage: list[str | None] = [ids.get(BASE_KEY)]
-    merged_tasks = merge.get("tasks") if section is merge else None
-    weights = merge.get("weights") if section is merge else None
-    for group, role in _INPUT_ROLES.items():
-        for task, source in (recipe.get(group) or {}).items():
-            if merged_tasks and task not in merged_tasks:
-                continue
-            if isinstance(weights, Mapping) and task in weights:
-                role_text = f"{role} (weight {_format_value(weights[task])})"
-            else:
-                role_text = role
-            if section is forget:
-                role_text = f"{role}, forgotten" if task == forget.get("task") else role
-            cell = _source_cell(source, ids.get(task))
-            inputs.append({"role": md_escape(role_text), "task": md_escape(task), "source": cell})
-            lineage.append(ids.get(task))
+    inputs, lineage = _card_inputs(recipe, section, section is forget, ids)
     target = forget.get("target") if section is forget else None
     all_tasks = {t for group in _INPUT_ROLES for t in (recipe.get(group) or {})}
     if target and target not in all_tasks:
         inputs.append({"role": "edited model", "task": "", "source": _source_cell(target, ids.get(TARGET_KEY))})
-    edited = (
-        "the base model"
-        if not target
-        else (
-            f"the fine-tuned model of task {md_escape(target)}"
-            if target in all_tasks
-            else _source_cell(target, ids.get(TARGET_KEY))
-        )
-    )
-    edited_id = ids.get(BASE_KEY) if not target else ids.get(target if target in all_tasks else TARGET_KEY)
+    if not target:
+        edited, edited_id = "the base model", ids.get(BASE_KEY)
+    elif target in all_tasks:
+        edited, edited_id = f"the fine-tuned model of task {md_escape(target)}", ids.get(target)
+    else:
+        edited, edited_id = _source_cell(target, ids.get(TARGET_KEY)), ids.get(TARGET_KEY)
     data_config = _lineage_metadata(kind, section is forget, method_name, lineage, edited_id, base_metadata)
 
     importance_config = recipe.get("importance") or {}
-    datasets = [
-        d
-        for d in (_hub_dataset_id((c or {}).get("data")) for c in importance_config.values() if isinstance(c, Mapping))
-        if d
-    ]
+    datasets = [(c or {}).get("data") for c in importance_config.values() if isinstance(c, Mapping)]
+    datasets = list(dict.fromkeys(d for d in map(_hub_dataset_id, datasets) if d))
     if datasets:
-        data_config["datasets"] = list(dict.fromkeys(datasets))
+        data_config["datasets"] = datasets
     if model_name is None:
         model_name = default_title(recipe, method.get("pretty_name") or method_name)
     results = _eval_results(eval_results, data_config.get("pipeline_tag"))
@@ -595,6 +562,53 @@ def render_model_card(
         "software": software_versions(),
         "learned": learned_context(merge) if section is merge else None,
     }
+    context.update(_statistics_context(kept_fraction, importance, importance_layers, importance_config, plot))
+    if results:
+        context["evaluation"] = _evaluation_rows(results)
+    recipe_text = _yaml_dump(recipe)
+    context["recipe"] = md_code_block(recipe_text, "yaml")
+    return ModelCard.from_template(card_data, template_path=str(template_path(kind)), **context)
+
+
+def _card_method(section: Mapping[str, Any], forgetting: bool) -> tuple[str, dict[str, Any], Mapping[str, str]]:
+    """``(method name, its card info, the parameter docs)`` of the recipe's merge or forget section."""
+    method_name = str(section.get("method") or ("sta" if forgetting else "task_arithmetic"))
+    method = _method_info(method_name)
+    if not forgetting:
+        return method_name, method, _COMMON_PARAMETER_DOCS
+    if method_name == "negation":
+        method = {**method, "parameters": {}}
+    else:  # forgetting selects with STA's masks; `overlap` is a merge option
+        method = {**method, "parameters": {k: v for k, v in method["parameters"].items() if k != "overlap"}}
+    return method_name, method, _FORGET_PARAMETER_DOCS
+
+
+def _card_inputs(
+    recipe: Mapping[str, Any], section: Mapping[str, Any], forgetting: bool, ids: Mapping[str, str]
+) -> tuple[list[dict[str, str]], list[str | None]]:
+    """The card's input rows (base, then every merged or edited task with its role) and their Hub ids (lineage)."""
+    inputs = [{"role": "base model", "task": "", "source": _source_cell(recipe.get("base_model"), ids.get(BASE_KEY))}]
+    lineage: list[str | None] = [ids.get(BASE_KEY)]
+    merged_tasks = None if forgetting else section.get("tasks")
+    weights = None if forgetting else section.get("weights")
+    for group, role in _INPUT_ROLES.items():
+        for task, source in (recipe.get(group) or {}).items():
+            if merged_tasks and task not in merged_tasks:
+                continue
+            role_text = role
+            if isinstance(weights, Mapping) and task in weights:
+                role_text = f"{role} (weight {_format_value(weights[task])})"
+            if forgetting and task == section.get("task"):
+                role_text = f"{role}, forgotten"
+            cell = _source_cell(source, ids.get(task))
+            inputs.append({"role": md_escape(role_text), "task": md_escape(task), "source": cell})
+            lineage.append(ids.get(task))
+    return inputs, lineage
+
+
+def _statistics_context(kept_fraction, importance, importance_layers, importance_config, plot) -> dict[str, Any]:
+    """The card's per-layer tables: entries kept per task, and the importance each task puts on each layer."""
+    context: dict[str, Any] = {}
     if kept_fraction:
         stats = group_by_layer(kept_fraction)
         tasks = list(dict.fromkeys(t for per_task in stats.values() for t in per_task))
@@ -616,19 +630,20 @@ def render_model_card(
                 for task, scores in importance.items()
             ],
         }
-    if results:
-        context["evaluation"] = [
-            {
-                "task": md_escape(r.task_name or r.task_type),
-                "dataset": md_escape(r.dataset_name) + (f" ({md_escape(r.dataset_split)})" if r.dataset_split else ""),
-                "metric": md_escape(r.metric_name or r.metric_type),
-                "value": md_escape(_format_value(r.metric_value)),
-            }
-            for r in results
-        ]
-    recipe_text = _yaml_dump(recipe)
-    context["recipe"] = md_code_block(recipe_text, "yaml")
-    return ModelCard.from_template(card_data, template_path=str(template_path(kind)), **context)
+    return context
+
+
+def _evaluation_rows(results: list) -> list[dict[str, str]]:
+    """The Evaluation section's rows, one per ``EvalResult``."""
+    return [
+        {
+            "task": md_escape(r.task_name or r.task_type),
+            "dataset": md_escape(r.dataset_name) + (f" ({md_escape(r.dataset_split)})" if r.dataset_split else ""),
+            "metric": md_escape(r.metric_name or r.metric_type),
+            "value": md_escape(_format_value(r.metric_value)),
+        }
+        for r in results
+    ]
 
 
 def _adapter_error(adapter: Mapping[str, Any]) -> dict[str, Any] | None:
