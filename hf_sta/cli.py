@@ -93,6 +93,8 @@ def methods_text(indent: str = "  ") -> str:
             lines.append(f"{indent * 3}{spec.description}")
         paper = spec.paper_title + (f" <{spec.paper_url}>" if spec.paper_url else "")
         lines.append(f"{indent * 3}paper: {paper}")
+        if spec.default_scaling != 1.0:
+            lines.append(f"{indent * 3}default scaling: {spec.default_scaling:g}")
         if not spec.parameters:
             lines.append(f"{indent * 3}parameters: none")
         for parameter in spec.parameters:

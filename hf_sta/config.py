@@ -43,7 +43,8 @@ class MergeConfig:
 
     Args:
         method: a registered merge method (``hf_sta.methods.list_merge_methods()``).
-        scaling: the global coefficient lambda applied to the combined delta.
+        scaling: the global coefficient lambda applied to the combined delta; ``None`` (the default): the method's
+            ``default_scaling`` (1 for every method but ``sta``), filled in when the config is built.
         weights: per-task weights (a mapping task -> weight, or a list in task order, or ``"num_samples"`` for
             shipped task vectors); default 1 each.
         tasks: the tasks to merge (default: all loaded tasks).
@@ -58,7 +59,7 @@ class MergeConfig:
     """
 
     method: str = "task_arithmetic"
-    scaling: float = 1.0
+    scaling: float | None = None
     weights: dict[str, float] | list[float] | str | None = None
     tasks: list[str] | None = None
     params: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +69,15 @@ class MergeConfig:
     output_format: str = "full"
     max_rank: int | None = None
     energy: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.scaling is None:
+            from .methods import get_merge_method
+
+            try:
+                self.scaling = get_merge_method(self.method).default_scaling
+            except ValueError:  # an unknown method: validated() names it
+                pass
 
     def validated(self) -> MergeConfig:
         """A copy with the method's parameters checked and defaults filled; raises ``ValueError`` when invalid."""

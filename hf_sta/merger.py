@@ -183,7 +183,7 @@ class STAMerger(ForgetMixin, CompressMixin, UnlearnMixin):
         self,
         method: str = "task_arithmetic",
         *,
-        scaling: float | str | Sequence[float] = 1.0,
+        scaling: float | str | Sequence[float] | None = None,
         weights: Mapping[str, float] | Sequence[float] | str | None = None,
         tasks: Sequence[str] | None = None,
         output_dir: str | os.PathLike | None = None,
@@ -206,8 +206,9 @@ class STAMerger(ForgetMixin, CompressMixin, UnlearnMixin):
     ):
         """Merge the task vectors: ``theta = theta_0 + scaling * method({tau_t}, weights, **params)``.
 
-        ``method``: any registered one (``hf-sta methods``); ``params`` its own parameters. ``weights``: per task
-        (mapping or list in task order) or ``"num_samples"``. ``output_dir``: stream the result there (safetensors
+        ``method``: any registered one (``hf-sta methods``); ``params`` its own parameters; ``scaling``: default the
+        method's ``default_scaling`` (1 for every method but ``sta``, whose default density was chosen with it).
+        ``weights``: per task (mapping or list in task order) or ``"num_samples"``. ``output_dir``: stream the result there (safetensors
         shards, config, tokenizer, heads, recipe, card) and return the path; else return the model in memory (a
         transformers model when the base has a config, else a state dict). ``output_format="adapter"``: the merged
         delta as a PEFT LoRA adapter (truncated SVD, rank ``max_rank`` or the smallest keeping ``energy``).

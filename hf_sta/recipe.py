@@ -198,7 +198,7 @@ def parse_merge_config(data: Any, path: str = "merge") -> MergeConfig:
     _reject_unknown(data, fields, path, hint)
     config = MergeConfig(
         method=spec.name,
-        scaling=_number(data.get("scaling", 1.0), _join(path, "scaling")),
+        scaling=_number(data.get("scaling", spec.default_scaling), _join(path, "scaling")),
         weights=_weights(data.get("weights"), _join(path, "weights")),
         tasks=_task_list(data.get("tasks"), _join(path, "tasks")),
         params=params,

@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification
 from hf_sta import STAMerger
 from hf_sta.auto import DENSITY_GRIDS, SCALING_GRID
 from hf_sta.errors import ConfigError
+from hf_sta.methods.sta import DEFAULT_DENSITY
 from hf_sta.recipe import parse_merge_config
 
 SHAPE = (10, 10)
@@ -112,7 +113,7 @@ def test_sta_scaling_and_density_auto_costs_nine_passes_and_is_the_merge_it_scor
     record = merger.last_record["auto"]
     assert record["calibration_passes"] == len(SCALING_GRID) + len(DENSITY_GRIDS["sta"]) - 1 == 9
     points = [(e["scaling"], e["density"]) for e in record["evaluations"]]
-    assert len(set(points)) == 9 and points[: len(SCALING_GRID)] == [(s, 0.7) for s in SCALING_GRID]
+    assert len(set(points)) == 9 and points[: len(SCALING_GRID)] == [(s, DEFAULT_DENSITY) for s in SCALING_GRID]
     best = min(record["evaluations"], key=lambda e: e["objective"])
     assert record["chosen"] == {"scaling": best["scaling"], "density": best["density"]}
     # the scored point is the streamed merge at the chosen values (an independent call)

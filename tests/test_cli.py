@@ -209,7 +209,8 @@ def test_methods_lists_the_registry(capsys):
         assert f"  {name}: {spec.pretty_name}" in output
         for parameter in spec.parameters:
             assert f"{parameter.name} ({parameter.type.__name__}; default {parameter.shown_default}" in output
-    assert "density (float; default 0.7 (merging), 0.2 (forgetting), unless threshold is set;" in output
+    assert "density (float; default 0.2 (merging), 0.2 (forgetting), unless threshold is set;" in output
+    assert "sta: Selective Task Arithmetic [needs importance]" in output and "default scaling: 2" in output
     assert "default None" not in output  # every default reads as a value
 
 

@@ -228,3 +228,32 @@ def test_kernels_keep_other_float_dtypes(name, dtype):
         task_tensors, torch.ones(3), generator=torch.Generator().manual_seed(1), **method.validate_params({})
     )
     assert out.shape == (10, 20) and out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_default_scaling_is_the_methods_own(scratch_registry, bert_checkpoints, tmp_path):
+    """``scaling`` left out means the method's ``default_scaling`` in the config, the recipe and the merged weights
+    (theta_0 + 2.5 * sum tau, checked against the checkpoints); a given scaling wins; other methods keep 1."""
+    from hf_sta import MergeConfig, STAMerger
+    from hf_sta.recipe import Recipe
+    from tests.conftest import load_state_dict
+
+    @register_merge_method("toy_scaled", pretty_name="Toy", paper_title="None", paper_url=None, default_scaling=2.5)
+    def toy_scaled(task_tensors, weights, *, generator=None):
+        return task_tensors.sum(0)
+
+    assert (
+        MergeConfig(method="toy_scaled").scaling == 2.5
+        and MergeConfig(method="toy_scaled", scaling=0.5).scaling == 0.5
+    )
+    assert MergeConfig(method="ties").scaling == 1.0 and MergeConfig().scaling == 1.0
+    merge = {"method": "toy_scaled"}
+    recipe = {"base_model": str(bert_checkpoints.base), "models": {"news": str(bert_checkpoints.finetuned["news"])}}
+    assert Recipe.from_dict({**recipe, "merge": merge}).merge.scaling == 2.5
+    assert Recipe.from_dict({**recipe, "merge": {**merge, "scaling": 1.5}}).merge.scaling == 1.5
+    merger = STAMerger.from_pretrained(bert_checkpoints.base, bert_checkpoints.finetuned)
+    merged = load_state_dict(merger.merge("toy_scaled", output_dir=tmp_path / "out"))
+    base = load_state_dict(bert_checkpoints.base)
+    tunes = [load_state_dict(folder) for folder in bert_checkpoints.finetuned.values()]
+    key = next(k for k in merged if k.endswith("query.weight"))
+    expected = base[key] + 2.5 * sum(tune[f"bert.{key}"] - base[key] for tune in tunes)
+    torch.testing.assert_close(merged[key], expected, rtol=1e-5, atol=1e-6)

@@ -215,6 +215,8 @@ class MergeMethod:
         description: one line.
         stochastic: whether the kernel draws random numbers from ``generator`` (DARE); the caller must then pass a
             generator seeded per tensor for reproducible merges.
+        default_scaling: the ``scaling`` a merge uses when none is given (1 unless the method's defaults were chosen
+            with another: a sparse selection such as STA's keeps a fraction of each task vector).
     """
 
     name: str
@@ -227,6 +229,7 @@ class MergeMethod:
     prepare: Callable[..., Prepared] | None = None
     description: str = ""
     stochastic: bool = False
+    default_scaling: float = 1.0
 
     @property
     def requires_importance(self) -> bool:
@@ -278,6 +281,7 @@ def register_merge_method(
     prepare: Callable[..., Prepared] | None = None,
     description: str = "",
     stochastic: bool = False,
+    default_scaling: float = 1.0,
 ) -> Callable[[MergeKernel], MergeKernel]:
     """Decorator registering a merge kernel under ``name``; returns the kernel unchanged.
 
@@ -302,6 +306,7 @@ def register_merge_method(
             prepare=prepare,
             description=description,
             stochastic=stochastic,
+            default_scaling=default_scaling,
         )
         return function
 
