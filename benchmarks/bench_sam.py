@@ -22,7 +22,9 @@ Protocol (quoted in the README):
 
 ``python -m benchmarks.bench_sam --part rho`` then ``--part merge`` (3 seeds) and ``--part cost``. Results:
 ``benchmarks/results/sam.json`` (summary) and ``benchmarks/results/sam/`` (``rho.json``: the choice;
-``<optimizer>[<rho>]-s<seed>.json``: each set of fine-tunes; ``cost.json``). ``--tiny`` runs every part on a tiny BERT built from a config (seconds), under ``--work-dir``.
+``<optimizer>[<rho>]-s<seed>.json``: each set of fine-tunes; ``cost.json``); a reduced run (``--tasks``,
+``--split-limit``) takes a ``--tag`` and writes ``sam-<tag>.json`` and ``sam-<tag>/`` instead. ``--tiny`` runs
+every part on a tiny BERT built from a config (seconds), under ``--work-dir``.
 """
 
 from __future__ import annotations
