@@ -22,7 +22,9 @@ Protocol (quoted in the README):
 
 ``python -m benchmarks.bench_sam --part rho`` then ``--part merge`` (3 seeds) and ``--part cost``. Results:
 ``benchmarks/results/sam.json`` (summary) and ``benchmarks/results/sam/`` (``rho.json``: the choice;
-``<optimizer>[<rho>]-s<seed>.json``: each set of fine-tunes; ``cost.json``). ``--tiny`` runs every part on a tiny BERT built from a config (seconds), under ``--work-dir``.
+``<optimizer>[<rho>]-s<seed>.json``: each set of fine-tunes; ``cost.json``); a reduced run (``--tasks``,
+``--split-limit``) takes a ``--tag`` and writes ``sam-<tag>.json`` and ``sam-<tag>/`` instead. ``--tiny`` runs
+every part on a tiny BERT built from a config (seconds), under ``--work-dir``.
 """
 
 from __future__ import annotations
@@ -384,8 +386,9 @@ def _paired(first: Sequence[dict], second: Sequence[dict]) -> list[tuple[dict, d
 
 def print_tables(result: dict) -> None:
     summary, methods = result["summary"], result["methods"]
-    print("\nNormalised test accuracy of the six-task merge (mean ± std over seeds; each optimizer normalised by its "
-          "own fine-tunes), absolute average in brackets\n")  # fmt: skip
+    tasks = next(iter(result["sets"].values()))[0]["protocol"]["tasks"]
+    print(f"\nNormalised test accuracy of the {len(tasks)}-task merge (mean ± std over seeds; each optimizer normalised "
+          "by its own fine-tunes), absolute average in brackets\n")  # fmt: skip
     optimizers = list(summary)
     label = {o: f"{o} (rho {summary[o]['rho']:g})" if summary[o]["rho"] is not None else o for o in optimizers}
     print("| method | " + " | ".join(label[o] for o in optimizers) + " |")
@@ -413,18 +416,31 @@ def _cell(stats: Mapping[str, float]) -> str:
 
 # -- command line -----------------------------------------------------------------------------------------------------
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    limits = dict(_split_limit(item) for item in args.split_limit)
     if not args.tiny:
-        return {"calibration": args.calibration_samples, "results": RESULTS / "sam"}
+        return {"calibration": args.calibration_samples, "results": RESULTS / _name(args), "split_limits": limits}
     work = args.work_dir
     return {
         "calibration": TINY["calibration"],
         "train_size": TINY["train_size"],
         "epochs": TINY["epochs"],
-        "split_limits": TINY["split_limits"],
+        "split_limits": {**TINY["split_limits"], **limits},
         "base_model": tiny_bert_base(work / "tiny-base"),
         "cache_dir": work / "cache",
         "results": work / "results",
     }
+
+
+def _name(args: argparse.Namespace) -> str:
+    """``sam``, or ``sam-<tag>`` for a reduced run (its own results folder and summary, next to the full run's)."""
+    return f"sam-{args.tag}" if args.tag else "sam"
+
+
+def _split_limit(item: str) -> tuple[str, int]:
+    split, _, count = item.partition("=")
+    if split not in ("validation", "test") or not count.isdigit() or int(count) < 1:
+        raise SystemExit(f"--split-limit {item!r}: expected validation=N or test=N with N >= 1")
+    return split, int(count)
 
 
 def _chosen_rho(args: argparse.Namespace, settings: Mapping) -> dict[str, float]:
@@ -451,6 +467,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cost-steps", type=int, default=3)
     parser.add_argument("--cost-rounds", type=int, default=5)
     parser.add_argument("--num-threads", type=int, default=1)
+    parser.add_argument("--tasks", nargs="+", default=None, choices=TASKS, help="a subset of the six tasks")
+    parser.add_argument("--split-limit", nargs="+", default=[], metavar="SPLIT=N",
+                        help="score on the first N examples of a split (validation=N, test=N): a cheaper run")  # fmt: skip
+    parser.add_argument("--tag", default=None, help="a reduced run: results in results/sam-<tag>/ and sam-<tag>.json")
     parser.add_argument("--tiny", action="store_true", help="tiny BERT, 3 tasks, a few examples (what the test runs)")
     parser.add_argument("--work-dir", type=Path, default=Path("out/bench_sam_tiny"), help="--tiny: caches, results")
     args = parser.parse_args(argv)
@@ -464,9 +484,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.num_threads)
     settings = _settings(args)
     settings["results"].mkdir(parents=True, exist_ok=True)
-    tasks = TINY["tasks"] if args.tiny else list(TASKS)
+    tasks = list(args.tasks or (TINY["tasks"] if args.tiny else TASKS))
     methods = args.methods or (TINY["methods"] if args.tiny else DEFAULT_METHODS)
-    summary_path = (settings["results"].parent if args.tiny else RESULTS) / "sam.json"
+    summary_path = (settings["results"].parent if args.tiny else RESULTS) / f"{_name(args)}.json"
     result = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if args.part in ("rho", "all"):
         result["rho"] = run_rho(tasks, TINY["rho_grid"] if args.tiny else RHO_GRID, settings)

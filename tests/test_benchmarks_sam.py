@@ -60,6 +60,14 @@ def test_choose_rho_takes_the_best_criterion_and_breaks_ties_towards_the_default
         bench_sam.choose_rho({"adamw": {"criterion": 1.0}}, "sam")
 
 
+def test_split_limit_parses_validation_and_test_counts_and_names_a_bad_item():
+    assert bench_sam._split_limit("test=200") == ("test", 200)
+    assert bench_sam._split_limit("validation=100") == ("validation", 100)
+    for bad in ("train=3", "test=0", "test=x", "test"):
+        with pytest.raises(SystemExit, match=f"--split-limit '{bad}'"):
+            bench_sam._split_limit(bad)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench_sam")
