@@ -3,14 +3,14 @@
 
 Protocol (quoted in the README):
 
-* ``minilm``: the STA merge (defaults) of the six MiniLM fine-tunes of seed 0 (``benchmarks.harness.TaskSuite``; STA
+* ``minilm``: the STA merge (elect, density 0.7, scaling 1: :data:`benchmarks.harness.STA_MERGE`) of the six MiniLM fine-tunes of seed 0 (``benchmarks.harness.TaskSuite``; STA
   importance: taylor on each task's first 128 training examples, as ``bench_merging``), cached under
   ``<cache>/compression/``. Kept tasks: the 2 and the 3 tasks the merge serves best on validation (accuracy minus
   the majority-class rate, ``served_margins``; a task the merge has lost leaves nothing to compress for).
   Sizes: ``target`` 0.75 and 0.5 of the non-embedding parameters. MiniLM is a BERT (``head_dim = hidden_size /
   num_attention_heads``), so no head can go in a stock config: only FFN neurons; plus taylor rows at 0.5 that also
   drop 2 of the 6 layers (``L4``; the FFN left is then wider).
-* ``smollm2``: the STA merge (defaults) of the three SmolLM2-135M-Instruct LoRA adapters of ``benchmarks.bench_lora``
+* ``smollm2``: the STA merge (:data:`benchmarks.harness.STA_MERGE`) of the three SmolLM2-135M-Instruct LoRA adapters of ``benchmarks.bench_lora``
   (same adapters, same importance), keeping ``tweet_sentiment + subjectivity``; size: ``neuron_ratio`` 0.75 (25% of
   the FFN neurons removed, every head kept).
 * Rankings: ``taylor`` (group Taylor importance of each kept task with its own head -- SmolLM2: the answer-token loss
@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from benchmarks.finetune import torch_threads
+from benchmarks.harness import STA_MERGE
 from benchmarks.tasks import cache_root
 from hf_sta import STAMerger
 
@@ -110,7 +111,7 @@ def minilm_workload(args: argparse.Namespace) -> Workload:
     if not (merged_dir / "config.json").is_file():
         for task in TASKS:
             suite.importance(merger, task, 128)
-        merger.merge(method="sta", output_dir=merged_dir, overwrite=True)
+        merger.merge(method="sta", output_dir=merged_dir, overwrite=True, **STA_MERGE)
     sizes = [Size("target=0.75", {"target": 0.75}), Size("target=0.5", {"target": 0.5}),
              Size("target=0.5,L4", {"target": 0.5, "num_hidden_layers": 4}, ("taylor",))]  # fmt: skip
     calibration = args.calibration_samples or 256
@@ -170,7 +171,7 @@ def _lora_setup(tiny: bool, work: Path, seed: int):
 
 
 def lora_workload(args: argparse.Namespace, work: Path) -> Workload:
-    """The STA merge (defaults) of the LoRA adapters of ``benchmarks.bench_lora``, scored as there."""
+    """The STA merge (:data:`benchmarks.harness.STA_MERGE`) of the LoRA adapters of ``benchmarks.bench_lora``, scored as there."""
     from benchmarks.bench_lora import calibration_loader
 
     base, tasks, data, prompts, adapters = _lora_setup(args.tiny, work, args.seed)
@@ -182,7 +183,7 @@ def lora_workload(args: argparse.Namespace, work: Path) -> Workload:
         for task in tasks:
             loader = calibration_loader(prompts[task], data[task]["train"], importance_samples, 4)
             merger.compute_importance(task, loader, num_samples=importance_samples, show_progress=False)
-        merger.merge(method="sta", output_dir=merged_dir, overwrite=True)
+        merger.merge(method="sta", output_dir=merged_dir, overwrite=True, **STA_MERGE)
     calibration = args.calibration_samples or (8 if args.tiny else 64)
     loaders = {t: calibration_loader(prompts[t], data[t]["train"], calibration, 4) for t in tasks}
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.harness import STA_MERGE
 from benchmarks.unlearning_scoring import Scorer, body_forward, head_loss, head_predict, majority_rate
 from hf_sta import STAMerger
 from hf_sta.forgetting import pick_scaling
@@ -98,7 +99,7 @@ def real_workload(calibration: int = 128, mia_examples: int = 200) -> TaskWorklo
     models = {task: path.name for task, path in suite.model_dirs.items()}
     merged_dir = cache_root() / "unlearning" / f"sta-seed0-{_digest(models)}"
     if not (merged_dir / "config.json").is_file():
-        merger.merge(method="sta", output_dir=merged_dir, overwrite=True)
+        merger.merge(method="sta", output_dir=merged_dir, overwrite=True, **STA_MERGE)
     tokenizer = AutoTokenizer.from_pretrained(suite.model_dirs[TASKS[0]])
     protocol = {"models": models, "calibration_samples": calibration, "scoring": "bf16 autocast"}
     cache = Path(__file__).parent / "results" / "unlearning" / "tasks"
@@ -212,7 +213,7 @@ def fused_row(work: TaskWorkload, task: str, before: dict[str, float], settings:
 
 def remerge_row(work: TaskWorkload, task: str, before: dict[str, float]) -> dict:
     started = time.perf_counter()
-    body = work.merger.merge(method="sta", tasks=[t for t in work.tasks if t != task])
+    body = work.merger.merge(method="sta", tasks=[t for t in work.tasks if t != task], **STA_MERGE)
     return _row(work, task, body, before, time.perf_counter() - started)
 
 
