@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .layout import CARD_NAME, RECIPE_NAME
-from .lineage import BASE_KEY, TARGET_KEY
+from .lineage import BASE_KEY, TARGET_KEY, from_cache_path, valid_repo_id
 
 if TYPE_CHECKING:
     from huggingface_hub import EvalResult, ModelCard
@@ -67,7 +67,6 @@ _TEMPLATES = {
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
 # `model.layers.3.mlp.up_proj.weight` -> `model.layers.3`; `encoder.layer.0...` -> `encoder.layer.0`; GPT-2's `h.5`.
 _LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|blocks|block|h)\.(\d+))(?:\.|$)")
-_HUB_CACHE = re.compile(r"(?:^|/)models--([\w.-]+?)--([\w.-]+)/snapshots/[0-9a-f]+/?$")
 _SECTION = re.compile(
     rf"^{re.escape(SECTION_START)}[ \t]*$.*?^{re.escape(SECTION_END)}[ \t]*$(?:\r?\n)?", re.MULTILINE | re.DOTALL
 )
@@ -168,18 +167,10 @@ def hub_model_id(source: Any) -> str | None:
     if not isinstance(source, str | os.PathLike) or not str(source).strip():
         return None
     text = str(source).strip()
-    cached = _HUB_CACHE.search(text.replace(os.sep, "/"))
-    if cached:
-        return f"{cached.group(1)}/{cached.group(2)}"
-    if Path(text).expanduser().exists() or text.startswith(("<", ".", "/", "~")):
-        return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return None
-    return text
+    cached = from_cache_path(text)
+    if cached or Path(text).expanduser().exists():
+        return cached
+    return valid_repo_id(text)
 
 
 def _hub_dataset_id(data: Any) -> str | None:

@@ -53,7 +53,8 @@ def valid_repo_id(text: Any) -> str | None:
     return text
 
 
-def _from_cache_path(text: str) -> str | None:
+def from_cache_path(text: str) -> str | None:
+    """``org/name`` of a path inside the Hugging Face cache (``.../models--org--name/snapshots/<sha>[/...]``)."""
     match = _HUB_CACHE.search(text.replace(os.sep, "/"))
     return f"{match.group(1)}/{match.group(2)}" if match else None
 
@@ -85,14 +86,14 @@ def hub_id(source: Any, folder: str | os.PathLike | None = None) -> str | None:
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if isinstance(source, str) and source.strip():
-        cached = _from_cache_path(source)
+        cached = from_cache_path(source)
         if cached:
             return cached
         if not Path(source).expanduser().exists():
             return valid_repo_id(source)
     if folder is not None:
         folder = Path(folder)
-        cached = _from_cache_path(str(folder.resolve()))
+        cached = from_cache_path(str(folder.resolve()))
         if cached:
             return cached
         if folder.is_file():
@@ -137,7 +138,7 @@ def _portable(value: Any, output: Path, names_only: bool = False) -> Any:
     if not isinstance(value, str | os.PathLike) or not str(value).strip():
         return value
     text = os.fspath(value)
-    cached = _from_cache_path(text)
+    cached = from_cache_path(text)
     if cached:
         return cached
     path = Path(text).expanduser()
