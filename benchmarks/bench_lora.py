@@ -35,6 +35,7 @@ Results: ``benchmarks/results/lora.json`` (not with ``--tiny``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,6 +44,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +120,8 @@ def cached_adapter(task: str, base: Path, prompts: Prompts, train: Any, hyper: d
             batch_size=hyper["batch_size"],
             max_length=0,
         )
-        train_adapter(base, prompts, train, args, settings, tmp / "adapter")
+        optimizer = hyper.get("optimizer", "adamw")  # absent for AdamW: the keys of the adapters on record stay
+        train_adapter(base, prompts, train, args, settings, tmp / "adapter", optimizer, hyper.get("rho"))
         (tmp / "adapter" / "hf_sta_lora_settings.json").write_text(json.dumps({"task": task, **hyper}, indent=2))
         if folder.exists():
             shutil.rmtree(folder)
@@ -133,15 +136,81 @@ def calibration_loader(prompts: Prompts, train: Any, num_samples: int, micro_bat
     rows = train.select(range(min(num_samples, len(train))))
 
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-        batch = prompts.batch([i["text"] for i in items], [i["label"] for i in items])
-        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        return prompts.training_batch([i["text"] for i in items], [i["label"] for i in items])
 
     return torch.utils.data.DataLoader(list(rows), batch_size=micro_batch_size, shuffle=False, collate_fn=collate)
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
+@dataclasses.dataclass
+class LoraBench:
+    """The benchmark's data as loaded by :func:`prepare`: the base folder, each task's splits (validation and test cut
+    to their sizes) and prompts, and the majority-class accuracy of the test examples scored (``chance``)."""
 
+    args: argparse.Namespace
+    base: Path
+    data: dict[str, dict[str, Any]]
+    prompts: dict[str, Prompts]
+    chance: dict[str, float]
+
+    def scores(self, model: torch.nn.Module, split: str, tasks: list[str] | None = None) -> dict[str, Any]:
+        """``{task: Scores}`` (accuracy and cross-entropy of the answer words) of ``model`` on ``split``."""
+        return {t: self.prompts[t].score(model, self.data[t][split]) for t in tasks or self.args.tasks}
+
+    def evaluate(self, model: torch.nn.Module, split: str, tasks: list[str] | None = None) -> dict[str, float]:
+        return {t: scores.accuracy for t, scores in self.scores(model, split, tasks).items()}
+
+    def load_base(self, folder: Path | None = None) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(folder or self.base, dtype=torch.float32)
+
+    def hyper(self, seed: int | None = None, **extra: Any) -> dict[str, Any]:
+        """The adapters' training settings (their cache key), with ``extra`` ones (``optimizer``, ``rho``)."""
+        args = self.args
+        return dict(steps=args.steps, batch_size=8, rank=args.rank, lr=args.lr,
+                    seed=args.seed if seed is None else seed, max_chars=args.max_chars, train_size=args.train_size,
+                    **extra)  # fmt: skip
+
+    def adapters(self, hyper: dict[str, Any], work: Path) -> dict[str, Path]:
+        """Each task's adapter trained with ``hyper`` (cached: under ``work`` with ``--tiny``, else the Hub cache's)."""
+        cache = work / "lora" if self.args.tiny else cache_root() / "lora"
+        return {t: cached_adapter(t, self.base, self.prompts[t], self.data[t]["train"], hyper, cache)
+                for t in self.args.tasks}  # fmt: skip
+
+
+def prepare(args: argparse.Namespace, work: Path) -> LoraBench:
+    """Base model, splits and prompts of ``args.tasks`` (the protocol above)."""
+    settings = Settings(
+        tiny=args.tiny, train_size=0, epochs=1, lr=args.lr, eval_size=None, seed=args.seed, batch_size=8, max_length=0
+    )
+    base = base_model(settings, work)
+    tokenizer = load_tokenizer(base)
+    data, prompts, chance = {}, {}, {}
+    for task in args.tasks:
+        splits = load_task(task, train_size=args.train_size)
+        data[task] = {
+            "train": splits["train"],
+            "validation": splits["validation"].select(range(args.validation_size)),
+            "test": splits["test"].select(range(args.test_size)),
+        }
+        prompts[task] = Prompts(task, tokenizer, args.max_chars)
+        labels = data[task]["test"]["label"]
+        chance[task] = max(labels.count(label) for label in set(labels)) / len(labels)
+    return LoraBench(args, base, data, prompts, chance)
+
+
+def tune(score_merge: Callable[..., dict[str, float]], method: str, grid: list[dict]) -> dict[str, Any]:
+    """The configuration of ``grid`` with the best mean validation accuracy, scored on test:
+    ``{"config", "test": {task: accuracy}, "trials": [{"config", "validation"}]}``."""
+    trials = []
+    for config in grid:
+        trials.append({"config": config, "validation": mean(score_merge("validation", method, **config).values())})
+        logger.info("%s %s -> %.4f", method, config, trials[-1]["validation"])
+    best = max(trials, key=lambda trial: trial["validation"])
+    return {"config": best["config"], "test": score_merge("test", method, **best["config"]), "trials": trials}
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -152,45 +221,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         clock = now
         logger.info("%s done (%.0f s)", name, timings[name])
 
-    settings = Settings(
-        tiny=args.tiny, train_size=0, epochs=1, lr=args.lr, eval_size=None, seed=args.seed, batch_size=8, max_length=0
-    )
-    base = base_model(settings, work)
-    tokenizer = load_tokenizer(base)
-    data, prompts = {}, {}
-    for task in args.tasks:
-        splits = load_task(task, train_size=args.train_size)
-        data[task] = {
-            "train": splits["train"],
-            "validation": splits["validation"].select(range(args.validation_size)),
-            "test": splits["test"].select(range(args.test_size)),
-        }
-        prompts[task] = Prompts(task, tokenizer, args.max_chars)
-    chance = {}  # majority-class accuracy of the test examples scored
-    for task in args.tasks:
-        labels = data[task]["test"]["label"]
-        chance[task] = max(labels.count(label) for label in set(labels)) / len(labels)
-
-    def evaluate(model: torch.nn.Module, split: str, tasks: list[str] | None = None) -> dict[str, float]:
-        return {t: prompts[t].score(model, data[t][split]).accuracy for t in tasks or args.tasks}
-
-    def load_base(folder: Path = base) -> torch.nn.Module:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-
-    hyper = dict(
-        steps=args.steps,
-        batch_size=8,
-        rank=args.rank,
-        lr=args.lr,
-        seed=args.seed,
-        max_chars=args.max_chars,
-        train_size=args.train_size,
-    )
-    cache = work / "lora" if args.tiny else cache_root() / "lora"
-    adapters = {}
-    for task in args.tasks:
-        adapters[task] = cached_adapter(task, base, prompts[task], data[task]["train"], hyper, cache)
-        lap("adapters")
+    loaded = prepare(args, work)
+    base, data, prompts, chance = loaded.base, loaded.data, loaded.prompts, loaded.chance
+    evaluate, load_base, hyper = loaded.evaluate, loaded.load_base, loaded.hyper()
+    adapters = loaded.adapters(hyper, work)
+    lap("adapters")
 
     merger = STAMerger.from_pretrained(base, adapters=adapters)
     if args.new_methods_only:
@@ -262,19 +297,10 @@ def tuned_rows(args, work: Path, merger: STAMerger, adapters, prompts, data, eva
         return evaluate(merger.merge(method=method, **config), split)
 
     for method, grid in GRIDS.items():
-        trials = []
-        for config in grid:
-            trials.append({"config": config, "validation": mean(score_merge("validation", method, **config).values())})
-            logger.info("%s %s -> %.4f", method, config, trials[-1]["validation"])
-        best = max(trials, key=lambda trial: trial["validation"])
         if method == "sta":
             rows["sta_default"] = {"config": {}, "test": score_merge("test", "sta")}
             logger.info("sta_default: %s", rows["sta_default"]["test"])
-        rows[method] = {
-            "config": best["config"],
-            "test": score_merge("test", method, **best["config"]),
-            "trials": trials,
-        }
+        rows[method] = tune(score_merge, method, grid)
         logger.info("%s tuned: %s", method, rows[method]["test"])
         lap(f"tune {method}")
     for row in rows.values():
@@ -397,21 +423,47 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PROTOCOL_DEFAULTS = {
+    "steps": (40, 4, "training steps per adapter"),
+    "rank": (8, 4, "LoRA rank"),
+    "lr": (1e-3, 3e-3, "learning rate"),
+    "train_size": (600, 32, "training pool per task"),
+    "validation_size": (40, 16, "validation examples scored per task"),
+    "test_size": (100, 16, "test examples scored per task"),
+    "calibration_samples": (32, 8, "STA importance prompts per task"),
+    "max_chars": (200, 120, "text kept per prompt"),
+}
+"""``argument: (default, --tiny default, help)`` of the settings the LoRA benchmarks share."""
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tasks``, the :data:`PROTOCOL_DEFAULTS` settings and ``--num-threads`` (shared with ``bench_sam_lora``)."""
+    parser.add_argument("--tasks", nargs="+", default=None, choices=sorted(PROMPTS))
+    for name, (real, small, text) in PROTOCOL_DEFAULTS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(real), default=None,
+                            help=f"{text} (default {real:g}; {small:g} with --tiny)")  # fmt: skip
+    parser.add_argument("--num-threads", type=int, default=1)
+
+
+def fill_protocol_defaults(args: argparse.Namespace) -> None:
+    """Fill the settings left unset (real or ``--tiny`` defaults); set up logging and torch's threads."""
+    args.tasks = list(args.tasks or (TINY_TASKS if args.tiny else DEFAULT_TASKS))
+    for name, (real, small, _) in PROTOCOL_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.tiny else real)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.WARNING if args.tiny else logging.INFO)
+    for noisy in ("httpx", "transformers", "datasets", "hf_sta"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(args.num_threads)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny Llama from a config, few examples; writes nothing")
-    parser.add_argument("--tasks", nargs="+", default=None, choices=sorted(PROMPTS))
     parser.add_argument("--forget", default=None, help="task to forget (default: news, or the last task)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per adapter (default 40; 4 tiny)")
-    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8; 4 tiny)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; 3e-3 tiny)")
-    parser.add_argument("--train-size", type=int, default=None, help="training pool per task (default 600; 32 tiny)")
-    parser.add_argument("--validation-size", type=int, default=None, help="default 40 (16 tiny)")
-    parser.add_argument("--test-size", type=int, default=None, help="default 100 (16 tiny)")
-    parser.add_argument("--calibration-samples", type=int, default=None, help="default 32 (8 tiny)")
-    parser.add_argument("--max-chars", type=int, default=None, help="text kept per prompt (default 200; 120 tiny)")
+    add_protocol_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=None, help="keep merged/adapter outputs here (default: temp)")
     parser.add_argument(
         "--new-methods-only",
@@ -420,27 +472,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     args = parser.parse_args(argv)
     tiny = args.tiny
-    args.tasks = list(args.tasks or (TINY_TASKS if tiny else DEFAULT_TASKS))
+    fill_protocol_defaults(args)
     args.forget = args.forget or ("news" if "news" in args.tasks else args.tasks[-1])
     if args.forget not in args.tasks:
         parser.error(f"--forget {args.forget} is not one of --tasks")
-    for name, real, small in (
-        ("steps", 40, 4),
-        ("rank", 8, 4),
-        ("lr", 1e-3, 3e-3),
-        ("train_size", 600, 32),
-        ("validation_size", 40, 16),
-        ("test_size", 100, 16),
-        ("calibration_samples", 32, 8),
-        ("max_chars", 200, 120),
-    ):
-        if getattr(args, name) is None:
-            setattr(args, name, small if tiny else real)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logger.setLevel(logging.WARNING if tiny else logging.INFO)
-    for noisy in ("httpx", "transformers", "datasets", "hf_sta"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(args.num_threads)
     started = time.perf_counter()
     with quiet(), tempfile.TemporaryDirectory(prefix="bench_lora-") as tmp:
         result = run(args, args.work_dir or Path(tmp))

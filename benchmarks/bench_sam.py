@@ -166,7 +166,7 @@ def interference(suite: TaskSuite, split: str = "validation") -> dict[str, Any]:
 
 
 # -- merges -----------------------------------------------------------------------------------------------------------
-class _SetRows(dict):
+class SavedRows(dict):
     """The rows of one (optimizer, seed), saved after each method so that an interrupted run resumes; a saved row is
     reused only if it was made with the same grid and the protocol (tasks, fine-tune folders, scoring) is the same."""
 
@@ -187,7 +187,7 @@ class _SetRows(dict):
         self.save()
 
 
-def merge_rows(suite: TaskSuite, rows: _SetRows, methods: Sequence[str], calibration: int, seed: int) -> None:
+def merge_rows(suite: TaskSuite, rows: SavedRows, methods: Sequence[str], calibration: int, seed: int) -> None:
     """Each method of ``methods`` tuned on validation and scored on test (skipping rows already saved)."""
     merger = suite.merger()
     if "sta" in methods or "sta_adamerging" in methods:
@@ -230,7 +230,7 @@ def run_set(
         "split_limits": dict(suite.split_limits),
     }
     name = optimizer if suite.rho is None else f"{optimizer}{suite.rho:g}"
-    rows = _SetRows(settings["results"] / f"{name}-s{seed}.json", protocol)
+    rows = SavedRows(settings["results"] / f"{name}-s{seed}.json", protocol)
     rows.extra["fine_tunes"] = fine_tune_record(suite)  # read again each run (records only)
     if "individual" not in rows.extra:
         rows.extra["individual"] = {"test": suite.individual("test"), "validation": suite.individual("validation")}
@@ -278,7 +278,7 @@ def run_rho(tasks: Sequence[str], grid: Mapping[str, Sequence[float]], settings:
     path = settings["results"] / "rho.json"
     protocol = {"tasks": list(tasks), "seed": seed, "criterion": "task_arithmetic validation mean, best scaling",
                 "grid": MERGE_GRIDS["task_arithmetic"], "split_limits": dict(settings.get("split_limits", {}))}  # fmt: skip
-    rows = _SetRows(path, protocol)
+    rows = SavedRows(path, protocol)
     for optimizer, rho in [("adamw", None)] + [(o, r) for o in grid for r in grid[o]]:
         key = f"{optimizer}-{rho:g}" if rho is not None else "adamw"
         suite = make_suite(tasks, seed, optimizer, rho, settings)
@@ -297,12 +297,12 @@ def run_rho(tasks: Sequence[str], grid: Mapping[str, Sequence[float]], settings:
 def step_cost(
     base: Path, task: str, rhos: Mapping[str, float], steps: int, rounds: int, settings: Mapping
 ) -> dict[str, Any]:
-    """Seconds per training step (:func:`hf_sta.training.training_step`, clipping at 1.0) of AdamW, SAM and ASAM on
-    the same ``steps`` real batches of ``task``, the three models stepping in turn (order rotated every round)."""
+    """Seconds per training step (clipping at 1.0) of AdamW, SAM and ASAM on the same ``steps`` real batches of
+    ``task`` (:func:`side_by_side_step_times`)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from benchmarks.tasks import label_names, load_task
-    from hf_sta.training import FinetuneConfig, make_optimizer, text_classification_collator, training_step
+    from hf_sta.training import FinetuneConfig, make_optimizer, text_classification_collator
 
     train = load_task(task, train_size=settings.get("train_size", 600))["train"]
     collate = text_classification_collator(AutoTokenizer.from_pretrained(base), max_length=128)
@@ -311,29 +311,44 @@ def step_cost(
     for optimizer in OPTIMIZERS:
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(label_names(task))).train()
-        config = FinetuneConfig(optimizer=optimizer, rho=rhos.get(optimizer))
-        runs[optimizer] = (model, make_optimizer(model, config))
-    times: dict[str, dict[str, list[float]]] = {o: {"wall": [], "cpu": []} for o in OPTIMIZERS}
-    for round_index in range(rounds + 1):  # round 0 warms up (allocations, caches) and is not counted
-        order = OPTIMIZERS[round_index % 3 :] + OPTIMIZERS[: round_index % 3]
-        for optimizer in order:
+        runs[optimizer] = (model, make_optimizer(model, FinetuneConfig(optimizer=optimizer, rho=rhos.get(optimizer))))
+    return {"task": task, "rho": dict(rhos), **side_by_side_step_times(runs, batches, rounds, max_grad_norm=1.0)}
+
+
+def side_by_side_step_times(
+    runs: Mapping[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
+    batches: Sequence[Mapping[str, Any]],
+    rounds: int,
+    max_grad_norm: float | None,
+) -> dict[str, Any]:
+    """Seconds per :func:`hf_sta.training.training_step` of each ``runs[optimizer] = (model, optimizer)`` (AdamW,
+    SAM, ASAM) on the same ``batches``, the models stepping in turn, order rotated every round; round 0 warms up
+    (allocations, caches) and is not counted. Ratios: median over rounds of SAM's (ASAM's) time over AdamW's."""
+    from hf_sta.training import training_step
+
+    names = list(runs)
+    times: dict[str, dict[str, list[float]]] = {o: {"wall": [], "cpu": []} for o in names}
+    for round_index in range(rounds + 1):
+        shift = round_index % len(names)
+        for optimizer in names[shift:] + names[:shift]:
             model, opt = runs[optimizer]
             wall, cpu = time.perf_counter(), time.process_time()
             for batch in batches:
-                training_step(model, opt, batch, max_grad_norm=1.0)
+                training_step(model, opt, batch, max_grad_norm=max_grad_norm)
                 opt.zero_grad(set_to_none=True)
             if round_index:
-                times[optimizer]["wall"].append((time.perf_counter() - wall) / steps)
-                times[optimizer]["cpu"].append((time.process_time() - cpu) / steps)
+                times[optimizer]["wall"].append((time.perf_counter() - wall) / len(batches))
+                times[optimizer]["cpu"].append((time.process_time() - cpu) / len(batches))
     ratios = {
         f"{o}_over_adamw": {
             kind: statistics.median(a / b for a, b in zip(times[o][kind], times["adamw"][kind]))
             for kind in ("wall", "cpu")
         }
-        for o in ("sam", "asam")
+        for o in names
+        if o != "adamw"
     }
-    return {"task": task, "steps_per_round": steps, "rounds": rounds, "rho": dict(rhos), "ratios": ratios,
-            "seconds_per_step": times, "threads": torch.get_num_threads()}  # fmt: skip
+    return {"steps_per_round": len(batches), "rounds": rounds, "ratios": ratios, "seconds_per_step": times,
+            "threads": torch.get_num_threads()}  # fmt: skip
 
 
 # -- summary ----------------------------------------------------------------------------------------------------------

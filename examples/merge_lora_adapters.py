@@ -105,6 +105,11 @@ class Prompts:
             batch["labels"] = target
         return batch
 
+    def training_batch(self, texts: list[str], labels: list[int]) -> dict[str, torch.Tensor]:
+        """The model's inputs for the answer-token loss: ``input_ids``, ``attention_mask``, ``labels``."""
+        batch = self.batch(texts, labels)
+        return {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+
     @torch.inference_mode()
     def score(self, model: torch.nn.Module, split: Any, batch_size: int = 16) -> Scores:
         """Accuracy and cross-entropy of the answer words' logits at the end of the prompt. Prompts are batched by
@@ -128,28 +133,54 @@ class Prompts:
         return Scores(correct / len(texts), loss / len(texts))
 
 
-def train_adapter(base: Path, prompts: Prompts, train: Any, args: argparse.Namespace, settings: Settings, out: Path):
-    """One LoRA adapter (r on q/k/v/o, alpha 2r) trained ``args.steps`` steps; returns the saved folder."""
+def lora_model(base: Path, rank: int, seed: int) -> torch.nn.Module:
+    """``base`` (fp32) with a fresh PEFT LoRA adapter (r=``rank`` on q/k/v/o, alpha 2r, no dropout), seeded."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(settings.seed)
-    model = get_peft_model(
+    torch.manual_seed(seed)
+    return get_peft_model(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-        LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGET_MODULES),
+        LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGET_MODULES),
     )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+
+
+def adapter_optimizer(model: torch.nn.Module, lr: float, optimizer: str = "adamw", rho: float | None = None):
+    """AdamW (torch defaults, ``lr``) over the adapter's parameters; ``"sam"`` / ``"asam"`` wrap the same AdamW in
+    :class:`hf_sta.training.SAM` (``rho`` default: the authors', ``DEFAULT_RHO``), perturbing only the adapter."""
+    from hf_sta.training import SAM, FinetuneConfig
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    rho = FinetuneConfig(optimizer=optimizer, rho=rho).resolved_rho
+    return SAM(params, torch.optim.AdamW, rho=rho, adaptive=optimizer == "asam", lr=lr)
+
+
+def train_adapter(
+    base: Path,
+    prompts: Prompts,
+    train: Any,
+    args: argparse.Namespace,
+    settings: Settings,
+    out: Path,
+    optimizer: str = "adamw",
+    rho: float | None = None,
+) -> Path:
+    """One LoRA adapter (r on q/k/v/o, alpha 2r) trained ``args.steps`` steps of the answer-token loss with AdamW, SAM
+    or ASAM (:func:`adapter_optimizer`); returns the saved folder."""
+    from hf_sta.training import training_step
+
+    model = lora_model(base, args.rank, settings.seed)
+    update = adapter_optimizer(model, settings.lr, optimizer, rho)
     generator = torch.Generator().manual_seed(settings.seed)
     epochs = math.ceil(args.steps * args.batch_size / len(train))
     order = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(epochs)]).tolist()
     model.train()
     for step in range(args.steps):
         rows = train[order[step * args.batch_size : (step + 1) * args.batch_size]]
-        batch = prompts.batch(rows["text"], rows["label"])
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        training_step(model, update, prompts.training_batch(rows["text"], rows["label"]))
+        update.zero_grad(set_to_none=True)
     model.save_pretrained(out)
     return out
 
