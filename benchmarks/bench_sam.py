@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from benchmarks import bench_merging, method_runs
-from benchmarks.harness import TaskSuite, mean, normalized
+from benchmarks.harness import SavedRows, TaskSuite, mean, normalized
 from benchmarks.tasks import TASKS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -166,27 +166,6 @@ def interference(suite: TaskSuite, split: str = "validation") -> dict[str, Any]:
 
 
 # -- merges -----------------------------------------------------------------------------------------------------------
-class SavedRows(dict):
-    """The rows of one (optimizer, seed), saved after each method so that an interrupted run resumes; a saved row is
-    reused only if it was made with the same grid and the protocol (tasks, fine-tune folders, scoring) is the same."""
-
-    def __init__(self, path: Path, protocol: dict) -> None:
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        same = saved.get("protocol") == json.loads(json.dumps(protocol))
-        super().__init__(saved.get("rows", {}) if same else {})
-        self.extra = saved.get("extra", {}) if same else {}
-        self.path, self.protocol = path, protocol
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"protocol": self.protocol, "extra": self.extra, "rows": dict(self)}
-        self.path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-    def __setitem__(self, key: str, value: dict) -> None:
-        super().__setitem__(key, value)
-        self.save()
-
-
 def merge_rows(suite: TaskSuite, rows: SavedRows, methods: Sequence[str], calibration: int, seed: int) -> None:
     """Each method of ``methods`` tuned on validation and scored on test (skipping rows already saved)."""
     merger = suite.merger()

@@ -45,7 +45,7 @@ from benchmarks.bench_lora import (
     prepare,
     tune,
 )
-from benchmarks.harness import mean, normalized
+from benchmarks.harness import SavedRows, mean, normalized
 from benchmarks.lora_methods import DATA_FREE
 from examples._common import quiet
 from hf_sta import STAMerger
@@ -102,7 +102,7 @@ def run_set(
         "sizes": {k: getattr(args, k) for k in ("validation_size", "test_size", "calibration_samples")},
     }
     name = optimizer if rho is None else f"{optimizer}{rho:g}"
-    rows = bench_sam.SavedRows(results / f"{name}-s{seed}.json", protocol)
+    rows = SavedRows(results / f"{name}-s{seed}.json", protocol)
     merger = STAMerger.from_pretrained(loaded.base, adapters=adapters)
     if "individual" not in rows.extra:
         rows.extra["individual"] = {s: individual(loaded, adapters, s) for s in ("test", "validation")}

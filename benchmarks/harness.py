@@ -10,6 +10,7 @@ scored the same way.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -198,3 +199,26 @@ def normalized(scores: Mapping[str, float], reference: Mapping[str, float]) -> f
 def mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
+
+
+class SavedRows(dict):
+    """Benchmark rows written to ``path`` (JSON: the ``protocol``, ``extra`` records and the rows) each time one is
+    added, so that an interrupted run resumes at the first row it had not finished; what is saved is reused only
+    under the same protocol. ``path=None`` keeps the rows in memory."""
+
+    def __init__(self, path: Path | None, protocol: dict) -> None:
+        saved = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        same = saved.get("protocol") == json.loads(json.dumps(protocol, default=str))
+        super().__init__(saved.get("rows", {}) if same else {})
+        self.extra: dict = saved.get("extra", {}) if same else {}
+        self.path, self.protocol = path, protocol
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            data = {"protocol": self.protocol, "extra": self.extra, "rows": dict(self)}
+            self.path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+    def __setitem__(self, key: str, value: dict) -> None:
+        super().__setitem__(key, value)
+        self.save()

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import STA_MERGE
+from benchmarks.harness import STA_MERGE, SavedRows
 from benchmarks.unlearning_scoring import Scorer, body_forward, head_loss, head_predict, majority_rate
 from hf_sta import STAMerger
 from hf_sta.forgetting import pick_scaling
@@ -217,23 +217,6 @@ def remerge_row(work: TaskWorkload, task: str, before: dict[str, float]) -> dict
     return _row(work, task, body, before, time.perf_counter() - started)
 
 
-class _SavedRows(dict):
-    """Rows written to ``path`` (with the protocol) each time one is added, so an interrupted task resumes at the first
-    row it had not finished; reused only under the same protocol."""
-
-    def __init__(self, path: Path | None, protocol: dict) -> None:
-        saved = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-        same = saved.get("protocol") == json.loads(json.dumps(protocol, default=str))
-        super().__init__(saved.get("rows", {}) if same else {})
-        self.path, self.protocol = path, protocol
-
-    def __setitem__(self, key: str, value: dict) -> None:
-        super().__setitem__(key, value)
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"protocol": self.protocol, "rows": dict(self)}, default=str) + "\n")
-
-
 def forget_task(work: TaskWorkload, task: str, fused: dict[str, Any]) -> dict[str, Any]:
     """Every method on ``task``; reused from ``work.cache/<task>.json`` when the protocol is unchanged (and resumed
     from ``<task>.partial.json`` after an interruption)."""
@@ -244,7 +227,7 @@ def forget_task(work: TaskWorkload, task: str, fused: dict[str, Any]) -> dict[st
         if saved["protocol"] == json.loads(json.dumps(protocol, default=str)):
             logger.info("reusing %s", path)
             return saved
-    rows = _SavedRows(path.with_suffix(".partial.json") if path else None, protocol)
+    rows = SavedRows(path.with_suffix(".partial.json") if path else None, protocol)
     body = work.body()
     before = work.evaluate(body, "test")
     if "unedited merge" not in rows:
