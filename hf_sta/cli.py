@@ -570,6 +570,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_options(compress, "compress")
     compress.set_defaults(func=_compress)
 
+    _add_importance_parser(commands)
+    _add_finetune_parser(commands)
+    _add_hub_and_info_parsers(commands)
+    return parser
+
+
+def _add_importance_parser(commands: Any) -> None:
+    """``hf-sta importance``: one task's importance on its calibration data, saved for a later merge."""
     importance = commands.add_parser(
         "importance",
         help="compute one task's importance and save it",
@@ -603,8 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     importance.set_defaults(func=_importance)
 
-    _add_finetune_parser(commands)
 
+def _add_hub_and_info_parsers(commands: Any) -> None:
+    """``hf-sta push`` (upload a saved folder), ``inspect`` (describe one) and ``methods`` (list the merge methods)."""
     push = commands.add_parser(
         "push",
         help="upload a saved folder to the Hub",
@@ -637,7 +646,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     methods.set_defaults(func=_methods)
-    return parser
 
 
 class _Formatter(logging.Formatter):
