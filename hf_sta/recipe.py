@@ -515,30 +515,13 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
         """Build and validate a recipe; every error names its field."""
-        from .methods import get_merge_method
-
         data = _mapping(data, "recipe")
         _reject_unknown(data, [f.name for f in dataclasses.fields(cls)], "")
         if "base_model" not in data:
             raise ConfigError("base_model: required (the common base model: a folder or Hub repo id)")
         base_model = _string(data["base_model"], "base_model")
-        groups: dict[str, dict[str, str]] = {}
-        seen: dict[str, str] = {}
-        for group in _SOURCE_GROUPS:
-            groups[group] = {}
-            for task, source in _mapping(data.get(group), group).items():
-                where = f"{group}.{task}"
-                try:
-                    validate_task_name(task)
-                except ConfigError as err:
-                    raise ConfigError(f"{where}: {err}") from None
-                if task in seen:
-                    raise ConfigError(f"{where}: task '{task}' is also defined in {seen[task]}")
-                if source is None:
-                    raise ConfigError(f"{where}: no source given (a folder, file or Hub repo id)")
-                groups[group][task] = _string(source, where)
-                seen[task] = group
-        tasks = list(seen)
+        groups = _source_groups(data)
+        tasks = [task for group in groups.values() for task in group]
         if not tasks:
             raise ConfigError("models: the recipe has no input (models, adapters or task_vectors)")
         if ("merge" in data) == ("forget" in data):
@@ -551,52 +534,12 @@ class Recipe:
         }
         merge = forget = None
         if "merge" in data:
-            section = _mapping(data["merge"], "merge")
-            if output_format == "adapter":  # the top-level output_format / adapter fill the merge's own
-                section.setdefault("output_format", "adapter")
-                for key, value in adapter_options.items():
-                    if value is not None:
-                        section.setdefault(key, value)
-            merge = parse_merge_config(section, "merge")
+            merge, needs_importance = _merge_section(data["merge"], output_format, adapter_options, tasks)
             output_format = merge.output_format
-            for index, task in enumerate(merge.tasks or []):
-                if task not in seen:
-                    raise ConfigError(f"merge.tasks[{index}]: unknown task '{task}'; inputs: {', '.join(tasks)}")
-            merged = merge.tasks or tasks
-            if isinstance(merge.weights, dict):
-                for task in merge.weights:
-                    if task not in merged:
-                        raise ConfigError(f"merge.weights.{task}: not a merged task ({', '.join(merged)})")
-            elif isinstance(merge.weights, list) and len(merge.weights) != len(merged):
-                raise ConfigError(
-                    f"merge.weights has {len(merge.weights)} value(s) for {len(merged)} merged task(s) "
-                    f"({', '.join(merged)})"
-                )
-            needs_importance = merged if get_merge_method(merge.method).requires_importance else []
         else:
-            section = _mapping(data["forget"], "forget")
-            if output_format == "adapter":
-                section.setdefault("as_adapter", True)
-                for key, value in adapter_options.items():
-                    if value is not None:
-                        section.setdefault(key, value)
-            forget = ForgetConfig.from_dict(section, "forget")
+            forget, needs_importance = _forget_section(data["forget"], output_format, adapter_options, tasks)
             output_format = "adapter" if forget.as_adapter else "full"
-            if forget.task not in seen:
-                raise ConfigError(f"forget.task: unknown task '{forget.task}'; inputs: {', '.join(tasks)}")
-            needs_importance = [forget.task] if forget.method == "sta" else []
-        importance = {}
-        for task, config in _mapping(data.get("importance"), "importance").items():
-            if task not in seen:
-                raise ConfigError(f"importance.{task}: unknown task; inputs: {', '.join(tasks)}")
-            importance[task] = ImportanceConfig.from_dict(config, f"importance.{task}")
-        for task in needs_importance:
-            if task not in importance:
-                method = merge.method if merge is not None else "sta"
-                raise ConfigError(
-                    f"importance.{task}: method '{method}' needs the importance of task '{task}' (give data:, path: "
-                    "of a saved importance file, or metric: magnitude)"
-                )
+        importance = _importance_section(data.get("importance"), tasks, needs_importance, merge)
         push = data.get("push_to_hub")
         return cls(
             base_model=base_model,
@@ -715,6 +658,93 @@ class RecipeResult:
     commit: Any = None
     dry_run: bool = False
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _source_groups(data: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """``{group: {task: source}}`` of a recipe's ``models`` / ``adapters`` / ``task_vectors``; a task once only."""
+    groups: dict[str, dict[str, str]] = {}
+    seen: dict[str, str] = {}
+    for group in _SOURCE_GROUPS:
+        groups[group] = {}
+        for task, source in _mapping(data.get(group), group).items():
+            where = f"{group}.{task}"
+            try:
+                validate_task_name(task)
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
+            if task in seen:
+                raise ConfigError(f"{where}: task '{task}' is also defined in {seen[task]}")
+            if source is None:
+                raise ConfigError(f"{where}: no source given (a folder, file or Hub repo id)")
+            groups[group][task] = _string(source, where)
+            seen[task] = group
+    return groups
+
+
+def _with_adapter_defaults(section: dict[str, Any], flag: str, value: Any, adapter_options: Mapping) -> dict:
+    """The top-level ``output_format: adapter`` and ``adapter:`` options fill a section's own (``flag``)."""
+    section.setdefault(flag, value)
+    for key, option in adapter_options.items():
+        if option is not None:
+            section.setdefault(key, option)
+    return section
+
+
+def _merge_section(
+    data: Any, output_format: str, adapter_options: Mapping, tasks: list[str]
+) -> tuple[MergeConfig, list[str]]:
+    """The ``merge:`` section, checked against the recipe's tasks; returns it and the tasks needing importance."""
+    from .methods import get_merge_method
+
+    section = _mapping(data, "merge")
+    if output_format == "adapter":
+        _with_adapter_defaults(section, "output_format", "adapter", adapter_options)
+    merge = parse_merge_config(section, "merge")
+    for index, task in enumerate(merge.tasks or []):
+        if task not in tasks:
+            raise ConfigError(f"merge.tasks[{index}]: unknown task '{task}'; inputs: {', '.join(tasks)}")
+    merged = merge.tasks or tasks
+    if isinstance(merge.weights, dict):
+        for task in merge.weights:
+            if task not in merged:
+                raise ConfigError(f"merge.weights.{task}: not a merged task ({', '.join(merged)})")
+    elif isinstance(merge.weights, list) and len(merge.weights) != len(merged):
+        raise ConfigError(
+            f"merge.weights has {len(merge.weights)} value(s) for {len(merged)} merged task(s) ({', '.join(merged)})"
+        )
+    return merge, list(merged) if get_merge_method(merge.method).requires_importance else []
+
+
+def _forget_section(
+    data: Any, output_format: str, adapter_options: Mapping, tasks: list[str]
+) -> tuple[ForgetConfig, list[str]]:
+    """The ``forget:`` section, checked against the recipe's tasks; returns it and the tasks needing importance."""
+    section = _mapping(data, "forget")
+    if output_format == "adapter":
+        _with_adapter_defaults(section, "as_adapter", True, adapter_options)
+    forget = ForgetConfig.from_dict(section, "forget")
+    if forget.task not in tasks:
+        raise ConfigError(f"forget.task: unknown task '{forget.task}'; inputs: {', '.join(tasks)}")
+    return forget, [forget.task] if forget.method == "sta" else []
+
+
+def _importance_section(
+    data: Any, tasks: list[str], needs_importance: list[str], merge: MergeConfig | None
+) -> dict[str, ImportanceConfig]:
+    """The ``importance:`` section; every task the method needs must have an entry."""
+    importance = {}
+    for task, config in _mapping(data, "importance").items():
+        if task not in tasks:
+            raise ConfigError(f"importance.{task}: unknown task; inputs: {', '.join(tasks)}")
+        importance[task] = ImportanceConfig.from_dict(config, f"importance.{task}")
+    for task in needs_importance:
+        if task not in importance:
+            method = merge.method if merge is not None else "sta"
+            raise ConfigError(
+                f"importance.{task}: method '{method}' needs the importance of task '{task}' (give data:, path: "
+                "of a saved importance file, or metric: magnitude)"
+            )
+    return importance
 
 
 def load_calibration_data(config: ImportanceConfig):
