@@ -468,8 +468,6 @@ def write_lora_adapter(
     them in a dense checkpoint) or are left out and listed in ``report.skipped`` (``non_lora="skip"``). All-zero deltas
     are left out (listed in ``report.skipped``).
     """
-    from peft import LoraConfig
-
     if max_rank is None and energy is None:
         raise ValueError("write_lora_adapter needs max_rank, energy, or both to choose each module's rank.")
     select_rank(torch.ones(1), max_rank=max_rank, energy=energy)  # validates the arguments before any SVD
@@ -483,12 +481,8 @@ def write_lora_adapter(
     for key, delta in deltas:
         if key in report.modules or key in report.skipped:
             raise ValueError(f"Delta '{key}' given twice.")
-        layout: LoraLayout | None
-        if layouts is not None:
-            layout = layouts.get(key)
-        else:
-            layout = "linear" if delta.ndim == 2 else "conv" if 3 <= delta.ndim <= 5 else None
-        if layout is None or not key.endswith(".weight") or (layout == "conv") != (delta.ndim > 2):
+        layout = _delta_layout(key, delta, layouts)
+        if layout is None:
             reason = f"shape {list(delta.shape)} is not the weight of a LoRA-able module"
             if non_lora == "raise":
                 raise ValueError(
@@ -499,51 +493,21 @@ def write_lora_adapter(
             logger.debug("Not written to the LoRA adapter: '%s' (%s).", key, report.skipped[key])
             continue
         delta = delta.detach().float()
-        norm = float(delta.norm())
-        if norm == 0.0:
+        if float(delta.norm()) == 0.0:
             report.skipped[key] = "zero delta"
             continue
-        module = key[: -len(".weight")]
-        lora_A, lora_B, singular_values = factorize_delta(delta, layout=layout, max_rank=max_rank, energy=energy)
-        lora_A, lora_B = lora_A.to(torch_dtype).cpu(), lora_B.to(torch_dtype).cpu()
-        rank = lora_A.shape[0]
-        reconstruction = lora_delta_weight(lora_A, lora_B, scaling=1.0, layout=layout)
-        error = float((delta.cpu() - reconstruction).norm()) / norm
-        squared = singular_values.double() ** 2
-        kept = float(squared[:rank].sum() / squared.sum())
-        a_key, b_key = _factor_keys(module, layout)
-        tensors[a_key], tensors[b_key] = lora_A, lora_B
-        report.modules[key] = ModuleWriteReport(key, module, layout, rank, error, kept)
-        logger.debug("LoRA for '%s': rank %d, relative error %.3g, energy kept %.4f", module, rank, error, kept)
+        factors, report.modules[key] = _factor_module(key, delta, layout, max_rank, energy, torch_dtype)
+        tensors.update(factors)
 
     if not report.modules:
         raise ValueError("No non-zero LoRA-able delta to write: a LoRA adapter needs at least one module.")
-    ranks = {m.module: m.rank for m in report.modules.values()}
-    default_rank = Counter(ranks.values()).most_common(1)[0][0]
-    # Longest names first: PEFT takes the first pattern matching `(.*\.)?(pattern)$`.
-    patterns = {
-        re.escape(module): rank
-        for module, rank in sorted(ranks.items(), key=lambda item: (-len(item[0]), item[0]))
-        if rank != default_rank
-    }
     layouts_used = {m.layout for m in report.modules.values()}
-    config = LoraConfig(
-        r=default_rank,
-        lora_alpha=default_rank,
-        target_modules=sorted(ranks),
-        rank_pattern=dict(patterns),
-        alpha_pattern=dict(patterns),
+    config = _lora_config(
+        {m.module: m.rank for m in report.modules.values()},
         fan_in_fan_out="linear_transposed" in layouts_used,
-        lora_dropout=0.0,
-        bias="none",
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path,
-        inference_mode=True,
     )
-    for module, rank in ranks.items():  # guards against a PEFT whose pattern rule differs from the one assumed here
-        resolved, _ = lora_rank_and_scaling(config.to_dict(), module)
-        if resolved != rank:
-            raise RuntimeError(f"rank_pattern resolves module '{module}' to rank {resolved}, not {rank}.")
     config.save_pretrained(str(output))
     save_tensors(output / ADAPTER_SAFE_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     report.adapter_config = json.loads((output / ADAPTER_CONFIG_NAME).read_text())
@@ -560,6 +524,66 @@ def write_lora_adapter(
         summary["skipped"],
     )
     return report
+
+
+def _delta_layout(key: str, delta: torch.Tensor, layouts: Mapping[str, LoraLayout] | None) -> LoraLayout | None:
+    """The LoRA layout of the module weight ``key`` (``layouts``' entry, else ``linear`` for 2-D and ``conv`` for 3-D
+    to 5-D deltas); ``None`` when it cannot be LoRA (not a ``.weight``, or a shape that does not fit the layout)."""
+    if layouts is not None:
+        layout = layouts.get(key)
+    else:
+        layout = "linear" if delta.ndim == 2 else "conv" if 3 <= delta.ndim <= 5 else None
+    if layout is None or not key.endswith(".weight") or (layout == "conv") != (delta.ndim > 2):
+        return None
+    return layout
+
+
+def _factor_module(
+    key: str, delta: torch.Tensor, layout: LoraLayout, max_rank: int | None, energy: float | None, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], ModuleWriteReport]:
+    """PEFT's ``lora_A`` / ``lora_B`` tensors of one non-zero fp32 ``delta`` (:func:`factorize_delta`) and the
+    module's report: rank, relative reconstruction error ``||delta - B A||_F / ||delta||_F``, energy kept."""
+    module = key[: -len(".weight")]
+    lora_A, lora_B, singular_values = factorize_delta(delta, layout=layout, max_rank=max_rank, energy=energy)
+    lora_A, lora_B = lora_A.to(dtype).cpu(), lora_B.to(dtype).cpu()
+    rank = lora_A.shape[0]
+    reconstruction = lora_delta_weight(lora_A, lora_B, scaling=1.0, layout=layout)
+    error = float((delta.cpu() - reconstruction).norm()) / float(delta.norm())
+    squared = singular_values.double() ** 2
+    kept = float(squared[:rank].sum() / squared.sum())
+    logger.debug("LoRA for '%s': rank %d, relative error %.3g, energy kept %.4f", module, rank, error, kept)
+    a_key, b_key = _factor_keys(module, layout)
+    return {a_key: lora_A, b_key: lora_B}, ModuleWriteReport(key, module, layout, rank, error, kept)
+
+
+def _lora_config(ranks: Mapping[str, int], **options: Any) -> Any:
+    """``peft.LoraConfig`` of modules with ``ranks`` (``lora_alpha = r``: scaling 1): the most common rank is the
+    config's ``r``, the others go to ``rank_pattern`` / ``alpha_pattern`` under their escaped full names."""
+    from peft import LoraConfig
+
+    default_rank = Counter(ranks.values()).most_common(1)[0][0]
+    # Longest names first: PEFT takes the first pattern matching `(.*\.)?(pattern)$`.
+    patterns = {
+        re.escape(module): rank
+        for module, rank in sorted(ranks.items(), key=lambda item: (-len(item[0]), item[0]))
+        if rank != default_rank
+    }
+    config = LoraConfig(
+        r=default_rank,
+        lora_alpha=default_rank,
+        target_modules=sorted(ranks),
+        rank_pattern=dict(patterns),
+        alpha_pattern=dict(patterns),
+        lora_dropout=0.0,
+        bias="none",
+        inference_mode=True,
+        **options,
+    )
+    for module, rank in ranks.items():  # guards against a PEFT whose pattern rule differs from the one assumed here
+        resolved, _ = lora_rank_and_scaling(config.to_dict(), module)
+        if resolved != rank:
+            raise RuntimeError(f"rank_pattern resolves module '{module}' to rank {resolved}, not {rank}.")
+    return config
 
 
 __all__ = [
