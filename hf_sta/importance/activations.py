@@ -299,13 +299,24 @@ def accumulate_input_grams(
         rows = accelerator.reduce(rows, reduction="sum")
     if int(totals[0].item()) == 0:
         raise ValueError(f"{description}: the calibration data (`batches`) is empty: no batch was processed.")
-    rows = rows.tolist()
+    reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if data_parallel else (lambda t: t)
+    grams, layouts = _gathered_grams(layers, hooks, rows.tolist(), reduce, description)
+    return grams, layouts, int(rows.max().item()), int(totals[1].item())
+
+
+def _gathered_grams(
+    layers: list,
+    hooks: _GramHooks,
+    rows: list[float],
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+    description: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``({key: fp32 CPU Gram}, {key: layout})`` of the layers that received rows (summed over processes by
+    ``reduce``, which every process calls for every layer in the same order); refuses a non-finite Gram."""
     grams: dict[str, torch.Tensor] = {}
     layouts: dict[str, str] = {}
     for (key, _, layout), count in zip(layers, rows):
-        accumulator = hooks.accumulators.pop(key)
-        if data_parallel:
-            accumulator = accelerator.reduce(accumulator, reduction="sum")
+        accumulator = reduce(hooks.accumulators.pop(key))
         if count == 0:
             continue  # never called (e.g. a projection only used through its weight, like MultiheadAttention's)
         if not torch.isfinite(accumulator).all():
@@ -316,8 +327,7 @@ def accumulate_input_grams(
         layouts[key] = layout
     if not grams:
         raise ValueError(f"{description}: no nn.Linear or Conv1D layer was called by the forward pass.")
-    num_tokens = int(max(count for count in rows))
-    return grams, layouts, num_tokens, int(totals[1].item())
+    return grams, layouts
 
 
 class _LazyGrams(Mapping):
