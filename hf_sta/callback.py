@@ -114,8 +114,6 @@ class STAMergeCallback(TrainerCallback):
         push_to_hub: str | Mapping[str, Any] | Any | None = None,
         trained_model_dir: str | os.PathLike | None = None,
     ) -> None:
-        from .importance import GRADIENT_STATISTIC, check_metric
-        from .methods import get_merge_method
         from .recipe import PushConfig, parse_merge_config
 
         self.base_model = str(base_model)
@@ -134,47 +132,11 @@ class STAMergeCallback(TrainerCallback):
         self.merge_config = parse_merge_config(merge_config, "merge_config")
 
         others = [*self.models, *self.adapters, *self.task_vectors]
-        if not others:
-            raise ConfigError("models: give the models, adapters or task vectors to merge the trained model with")
-        if self.task_name in others:
-            raise ConfigError(f"task_name: '{self.task_name}' is also the name of another input")
-        for task in self.importance_files:
-            if task not in others:
-                raise ConfigError(f"importance_files.{task}: not one of the other inputs ({', '.join(others)})")
-        for index, task in enumerate(self.merge_config.tasks or []):
-            if task not in [*others, self.task_name]:
-                raise ConfigError(f"merge_config.tasks[{index}]: unknown task '{task}'")
-        try:
-            self.importance_metric = check_metric(importance_metric)
-        except ValueError as err:
-            raise ConfigError(f"importance_metric: {err}") from None
-        if importance_samples is not None and (isinstance(importance_samples, bool) or importance_samples < 1):
-            raise ConfigError(f"importance_samples must be a positive integer, got {importance_samples!r}")
-        if importance_micro_batch_size < 1:
-            raise ConfigError(f"importance_micro_batch_size must be >= 1, got {importance_micro_batch_size!r}")
-        self.importance_samples = importance_samples
-        self.importance_data = importance_data
-        self.importance_micro_batch_size = importance_micro_batch_size
-        # magnitude (|tau|) needs no data; the gradient metrics need importance_samples of data
-        self._importance_needs_data = GRADIENT_STATISTIC[importance_metric] is not None
-        self.compute_trained_importance = importance_samples is not None or not self._importance_needs_data
-        if isinstance(importance_data, str) and importance_data not in ("train", "eval"):
-            raise ConfigError(
-                f"importance_data must be 'train', 'eval', a Dataset or a DataLoader, got {importance_data!r}"
-            )
-        if get_merge_method(self.merge_config.method).requires_importance:
-            merged = self.merge_config.tasks or [*others, self.task_name]
-            missing = [t for t in merged if t != self.task_name and t not in self.importance_files]
-            if missing:
-                raise ConfigError(
-                    f"importance_files: method '{self.merge_config.method}' needs the importance of "
-                    f"{', '.join(missing)} (saved with `hf-sta importance` or STAMerger.save_importance)"
-                )
-            if self.task_name in merged and not self.compute_trained_importance:
-                raise ConfigError(
-                    f"importance_samples: method '{self.merge_config.method}' needs the trained task's importance; "
-                    "set importance_samples (or importance_metric='magnitude')"
-                )
+        self._check_tasks(others)
+        self._set_importance_options(
+            importance_metric, importance_samples, importance_data, importance_micro_batch_size
+        )
+        self._check_importance_available(others)
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
         if push_to_hub is None or isinstance(push_to_hub, PushConfig):
@@ -185,6 +147,62 @@ class STAMergeCallback(TrainerCallback):
         self.output_path: Path | None = None
         self.merger: Any = None
         self.commit: Any = None
+
+    def _check_tasks(self, others: list[str]) -> None:
+        """The other inputs exist, the trained task's name is its own, and every task named elsewhere is an input."""
+        if not others:
+            raise ConfigError("models: give the models, adapters or task vectors to merge the trained model with")
+        if self.task_name in others:
+            raise ConfigError(f"task_name: '{self.task_name}' is also the name of another input")
+        for task in self.importance_files:
+            if task not in others:
+                raise ConfigError(f"importance_files.{task}: not one of the other inputs ({', '.join(others)})")
+        for index, task in enumerate(self.merge_config.tasks or []):
+            if task not in [*others, self.task_name]:
+                raise ConfigError(f"merge_config.tasks[{index}]: unknown task '{task}'")
+
+    def _set_importance_options(
+        self, metric: str, samples: int | None, data: str | Any, micro_batch_size: int
+    ) -> None:
+        """Validate and keep how the trained task's importance is measured."""
+        from .importance import GRADIENT_STATISTIC, check_metric
+
+        try:
+            self.importance_metric = check_metric(metric)
+        except ValueError as err:
+            raise ConfigError(f"importance_metric: {err}") from None
+        if samples is not None and (isinstance(samples, bool) or samples < 1):
+            raise ConfigError(f"importance_samples must be a positive integer, got {samples!r}")
+        if micro_batch_size < 1:
+            raise ConfigError(f"importance_micro_batch_size must be >= 1, got {micro_batch_size!r}")
+        if isinstance(data, str) and data not in ("train", "eval"):
+            raise ConfigError(f"importance_data must be 'train', 'eval', a Dataset or a DataLoader, got {data!r}")
+        self.importance_samples, self.importance_data = samples, data
+        self.importance_micro_batch_size = micro_batch_size
+        # magnitude (|tau|) needs no data; the gradient metrics need importance_samples of data
+        self._importance_needs_data = GRADIENT_STATISTIC[metric] is not None
+        self.compute_trained_importance = samples is not None or not self._importance_needs_data
+
+    def _check_importance_available(self, others: list[str]) -> None:
+        """A method that needs importance has it for every merged task: files for the others, a measurement for the
+        trained one."""
+        from .methods import get_merge_method
+
+        method = self.merge_config.method
+        if not get_merge_method(method).requires_importance:
+            return
+        merged = self.merge_config.tasks or [*others, self.task_name]
+        missing = [t for t in merged if t != self.task_name and t not in self.importance_files]
+        if missing:
+            raise ConfigError(
+                f"importance_files: method '{method}' needs the importance of {', '.join(missing)} (saved with "
+                "`hf-sta importance` or STAMerger.save_importance)"
+            )
+        if self.task_name in merged and not self.compute_trained_importance:
+            raise ConfigError(
+                f"importance_samples: method '{method}' needs the trained task's importance; set importance_samples "
+                "(or importance_metric='magnitude')"
+            )
 
     def _read_merged_model(self, folder: Path) -> dict[str, Any] | None:
         """Take the inputs (and merge settings) of an existing hf_sta output folder's recipe."""
