@@ -97,13 +97,7 @@ def align_keys(
     """
     base_config = getattr(base, "config", None)
     ft_config = getattr(finetuned, "config", None)
-    if base_config and ft_config:
-        base_type, ft_type = base_config.get("model_type"), ft_config.get("model_type")
-        if base_type and ft_type and base_type != ft_type:
-            raise CheckpointError(
-                f"'{finetuned.name}' is a '{ft_type}' model but the base '{base.name}' is '{base_type}': "
-                "task vectors need the same architecture."
-            )
+    _check_same_model_type(base, finetuned)
     prefix = base_model_prefix(ft_config) or base_model_prefix(base_config)
     auto_heads = task_specific == "auto" and is_head_architecture(ft_config)
     patterns = [] if task_specific in ("auto", None) else list(task_specific)  # type: ignore[arg-type]
@@ -135,6 +129,26 @@ def align_keys(
             )
         alignment.pairs[base_key] = ft_key
 
+    _check_base_tensors(base, finetuned, alignment)
+    return alignment
+
+
+def _check_same_model_type(base: TensorSource, finetuned: TensorSource) -> None:
+    """Refuse two checkpoints whose configs name different ``model_type``s."""
+    base_config, ft_config = getattr(base, "config", None), getattr(finetuned, "config", None)
+    if base_config and ft_config:
+        base_type, ft_type = base_config.get("model_type"), ft_config.get("model_type")
+        if base_type and ft_type and base_type != ft_type:
+            raise CheckpointError(
+                f"'{finetuned.name}' is a '{ft_type}' model but the base '{base.name}' is '{base_type}': "
+                "task vectors need the same architecture."
+            )
+
+
+def _check_base_tensors(base: TensorSource, finetuned: TensorSource, alignment: KeyAlignment) -> None:
+    """Every base tensor is paired or copied: non-float tensors and statistics (BatchNorm's) are copied from the base,
+    float ones must have a mergeable dtype on both sides and a fine-tuned counterpart (an error names a training
+    wrapper's prefix when every fine-tuned name carries one)."""
     ft_mapped = set(alignment.pairs) | set(alignment.copied)
     for base_key in base.keys():
         dtype = base.dtype(base_key)
@@ -162,7 +176,6 @@ def align_keys(
             raise CheckpointError(
                 f"Tensor '{ft_key}' of '{finetuned.name}' has unsupported dtype {finetuned.dtype(ft_key)}."
             )
-    return alignment
 
 
 def _wrapper_prefix(base: TensorSource, finetuned: TensorSource) -> str | None:
