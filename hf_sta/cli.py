@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import importlib
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -373,8 +374,6 @@ def _importance_files(folder: Path) -> list[Path]:
 def _inspect(args: argparse.Namespace) -> int:
     import yaml
 
-    from .card import importance_by_layer
-    from .importance import ImportanceScores
     from .io.checkpoints import CheckpointReader
     from .layout import CARD_NAME, RECIPE_NAME
 
@@ -394,21 +393,35 @@ def _inspect(args: argparse.Namespace) -> int:
     _out("\nTensors per layer:")
     for line in _table(_layer_statistics(reader), ["layer", "tensors", "parameters", "dtype"]):
         _out(line)
+    _print_heads(folder)
+    _print_importance(folder)
+    if (folder / CARD_NAME).is_file():
+        _out(f"\nModel card: {folder / CARD_NAME}")
+    return 0
+
+
+def _print_heads(folder: Path) -> None:
+    """The task heads saved under ``folder/heads/``: tensors, parameters and names of each."""
+    from .io.checkpoints import CheckpointReader
+
     heads = sorted((folder / "heads").glob("*.safetensors")) if (folder / "heads").is_dir() else []
-    if heads:
-        _out("\nTask heads (heads/):")
-        rows = []
-        for file in heads:
-            head = CheckpointReader(file)
-            parameters = 0
-            for key in head.keys():
-                count = 1
-                for size in head.shape(key):
-                    count *= size
-                parameters += count
-            rows.append([file.stem, str(len(head.keys())), _format_count(parameters), ", ".join(head.keys())])
-        for line in _table(rows, ["task", "tensors", "parameters", "names"]):
-            _out(line)
+    if not heads:
+        return
+    _out("\nTask heads (heads/):")
+    rows = []
+    for file in heads:
+        head = CheckpointReader(file)
+        parameters = sum(math.prod(head.shape(key)) for key in head.keys())
+        rows.append([file.stem, str(len(head.keys())), _format_count(parameters), ", ".join(head.keys())])
+    for line in _table(rows, ["task", "tensors", "parameters", "names"]):
+        _out(line)
+
+
+def _print_importance(folder: Path) -> None:
+    """Each importance file in ``folder``: its metric and data, then the mean normalised importance per layer."""
+    from .card import importance_by_layer
+    from .importance import ImportanceScores
+
     scores: dict[str, ImportanceScores] = {}
     for file in _importance_files(folder):
         try:
@@ -433,9 +446,6 @@ def _inspect(args: argparse.Namespace) -> int:
         ]
         for line in _table(rows, ["layer", *tasks]):
             _out(line)
-    if (folder / CARD_NAME).is_file():
-        _out(f"\nModel card: {folder / CARD_NAME}")
-    return 0
 
 
 def _methods(args: argparse.Namespace) -> int:
