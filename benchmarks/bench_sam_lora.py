@@ -9,9 +9,9 @@ Protocol (quoted in the README):
 * SAM / ASAM wrap the same AdamW (:class:`hf_sta.training.SAM`; only the adapter's parameters require gradients, so
   only they are perturbed), ``rho`` at the authors' defaults (SAM 0.05, ASAM 0.5) unless ``--rho-sam`` /
   ``--rho-asam``; the same seeds (adapter initialisation, batch order) for the three optimizers.
-* Merges: each method of :data:`METHODS` (``bench_lora``'s task arithmetic / TIES / STA grids and the two-point
-  TSV-M / Iso-C grids of ``benchmarks.lora_methods``) tuned on validation, scored on test; normalised accuracy is
-  divided by that optimizer's own adapters' accuracy.
+* Merges: each method of :data:`METHODS` (``bench_lora``'s task arithmetic / TIES / STA grids, the two-point
+  TSV-M / Iso-C grids of ``benchmarks.lora_methods``, and Iso-C with ``rank_tolerance=1e-3`` at scaling 1 / 2) tuned
+  on validation, scored on test; normalised accuracy is divided by that optimizer's own adapters' accuracy.
 * Interference: for each ordered pair of tasks ``(i, j)``, the cross-entropy of task ``i``'s answer words on its
   validation examples at ``theta_0 + tau_i + tau_j`` minus at ``theta_0 + tau_i`` (``tau`` = the adapter's dense
   update), averaged over ``j`` per task, then over tasks (as ``bench_sam``).
@@ -51,8 +51,16 @@ from examples._common import quiet
 from hf_sta import STAMerger
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS: dict[str, list[dict]] = {**GRIDS, "tsv": DATA_FREE["tsv"], "iso_c": DATA_FREE["iso_c"]}
-"""Validation grids of the merge methods run on each set of adapters."""
+METHODS: dict[str, list[dict]] = {
+    **GRIDS,
+    "tsv": DATA_FREE["tsv"],
+    "iso_c": DATA_FREE["iso_c"],
+    "iso_c_lowrank": [{"scaling": s, "rank_tolerance": 1e-3} for s in (1.0, 2.0)],
+}
+"""Validation grids of the merge methods run on each set of adapters (``iso_c_lowrank``: Iso-C flattening only the
+summed update's numerical rank, ``rank_tolerance=1e-3``)."""
+VARIANTS = {"iso_c_lowrank": "iso_c"}
+"""Rows that are a registered method with other parameters."""
 
 
 def set_hyper(loaded: LoraBench, optimizer: str, rho: float | None, seed: int) -> dict[str, Any]:
@@ -117,7 +125,7 @@ def run_set(
             merger.compute_importance(task, data, num_samples=args.calibration_samples, show_progress=False)
 
     def score(split: str, method: str, **config: Any) -> dict[str, float]:
-        return loaded.evaluate(merger.merge(method=method, **config), split)
+        return loaded.evaluate(merger.merge(method=VARIANTS.get(method, method), **config), split)
 
     for method in methods:
         if method not in rows:

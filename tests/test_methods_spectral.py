@@ -157,6 +157,30 @@ def test_iso_c_single_task():
     torch.testing.assert_close(spectrum, torch.full((8,), float(s.mean()), dtype=torch.float64), rtol=1e-5, atol=0)
 
 
+def test_iso_c_rank_tolerance_flattens_only_the_numerical_rank_of_low_rank_task_vectors():
+    """Closed form: three rank-2 updates on orthonormal directions sum to U diag(s) V^T of rank 6, known exactly;
+    with a tolerance above the SVD's noise, Iso-C is mean(s) U V^T (rank 6); at 0 the mean spreads over all 20."""
+    generator = torch.Generator().manual_seed(5)
+    left = torch.linalg.qr(torch.randn(20, 6, dtype=torch.float64, generator=generator))[0]
+    right = torch.linalg.qr(torch.randn(30, 6, dtype=torch.float64, generator=generator))[0]
+    values = torch.tensor([5.0, 4.0, 3.0, 2.5, 2.0, 1.0], dtype=torch.float64)
+    tasks = torch.stack([left[:, 2 * t : 2 * t + 2] @ torch.diag(values[2 * t : 2 * t + 2]) @ right[:, 2 * t : 2 * t + 2].T
+                         for t in range(3)])  # fmt: skip
+    out = iso_c(tasks, torch.ones(3, dtype=torch.float64), rank_tolerance=1e-6)
+    torch.testing.assert_close(out, values.mean() * left @ right.T, rtol=1e-10, atol=1e-12)
+    assert int(torch.linalg.matrix_rank(out)) == 6
+    # the paper's (all 20 values flattened): 14 of the 20 directions are an arbitrary basis of the sum's null space
+    # (no oracle can match them); on the signal subspace the update is values.sum() / 20, not values.mean()
+    full = iso_c(tasks, torch.ones(3, dtype=torch.float64))
+    flat = float(values.sum()) / 20
+    torch.testing.assert_close(torch.linalg.svdvals(full), torch.full((20,), flat, dtype=torch.float64))
+    torch.testing.assert_close(left.T @ full @ right, flat * torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(iso_c(tasks, torch.ones(3, dtype=torch.float64), rank_tolerance=0.45),
+                               values[:4].mean() * left[:, :4] @ right[:, :4].T, rtol=1e-10, atol=1e-12)  # fmt: skip
+    with pytest.raises(ValueError, match="rank_tolerance must be in"):
+        iso_c(tasks, torch.ones(3, dtype=torch.float64), rank_tolerance=1.5)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("fraction", [0.8, 0.5, 0.3])
 def test_iso_cts_matches_oracle(shape, fraction):
@@ -246,7 +270,7 @@ def test_registry_metadata():
     names = list_merge_methods()
     expected = {
         "tsv": ("TSV-Merge", "https://arxiv.org/abs/2412.00081", {"rank_fraction": None}),
-        "iso_c": ("Iso-C", "https://arxiv.org/abs/2502.04959", {}),
+        "iso_c": ("Iso-C", "https://arxiv.org/abs/2502.04959", {"rank_tolerance": 0.0}),
         "iso_cts": ("Iso-CTS", "https://arxiv.org/abs/2502.04959", {"common_space_fraction": 0.8}),
     }
     for name, (pretty_name, paper_url, defaults) in expected.items():
