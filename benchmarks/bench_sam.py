@@ -169,7 +169,7 @@ def interference(suite: TaskSuite, split: str = "validation") -> dict[str, Any]:
 def merge_rows(suite: TaskSuite, rows: SavedRows, methods: Sequence[str], calibration: int, seed: int) -> None:
     """Each method of ``methods`` tuned on validation and scored on test (skipping rows already saved)."""
     merger = suite.merger()
-    if "sta" in methods or "sta_adamerging" in methods:
+    if any(m in methods and m not in rows for m in ("sta", "sta_adamerging")):
         for task in suite.tasks:
             suite.importance(merger, task, calibration)
     for method in methods:
@@ -219,11 +219,29 @@ def run_set(
         rows.save()
         logger.info("%s s%d interference %.4f", optimizer, seed, rows.extra["interference"]["mean"])
     merge_rows(suite, rows, methods, settings["calibration"], seed)
-    individual = rows.extra["individual"]["test"]
+    return scored_run(protocol, rows.extra, {m: rows[m] for m in methods})
+
+
+def scored_run(protocol: dict, extra: Mapping, rows: Mapping[str, dict]) -> dict:
+    """One set's record with each row's test ``average`` and ``normalized`` accuracy (by the set's own fine-tunes)."""
+    individual = extra["individual"]["test"]
     for row in rows.values():
         row["average"] = mean(row["test"].values())
         row["normalized"] = normalized(row["test"], individual)
-    return {"protocol": protocol, **rows.extra, "rows": {m: rows[m] for m in methods}}
+    return {"protocol": protocol, **extra, "rows": dict(rows)}
+
+
+def saved_sets(results: Path, rhos: Mapping[str, float], seeds: Sequence[int]) -> dict[str, list[dict]]:
+    """The sets saved under ``results`` (``--part table``): per optimizer, the runs of ``seeds`` that exist."""
+    sets: dict[str, list[dict]] = {}
+    for optimizer in OPTIMIZERS:
+        name = optimizer if optimizer == "adamw" else f"{optimizer}{rhos[optimizer]:g}"
+        for seed in seeds:
+            path = results / f"{name}-s{seed}.json"
+            if path.is_file():
+                saved = json.loads(path.read_text())
+                sets.setdefault(optimizer, []).append(scored_run(saved["protocol"], saved["extra"], saved["rows"]))
+    return sets
 
 
 # -- rho --------------------------------------------------------------------------------------------------------------
@@ -331,46 +349,54 @@ def side_by_side_step_times(
 
 
 # -- summary ----------------------------------------------------------------------------------------------------------
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}  # fmt: skip
+
+
 def summarize(sets: Mapping[str, Sequence[dict]], methods: Sequence[str]) -> dict[str, Any]:
-    """Mean ± std over seeds per optimizer and method, and the paired gap of SAM / ASAM to AdamW (same seeds)."""
-
-    def stats(values: list[float]) -> dict[str, float]:
-        return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
+    """Mean ± std over seeds per optimizer and method, and the paired gap of SAM / ASAM to AdamW (same seeds). A
+    method is summarised over the seeds whose set has its row (``n``)."""
     summary: dict[str, Any] = {}
     for optimizer, runs in sets.items():
         summary[optimizer] = {
             "seeds": [run["protocol"]["seed"] for run in runs],
             "rho": runs[0]["protocol"]["rho"],
-            "individual": stats([mean(run["individual"]["test"].values()) for run in runs]),
-            "interference": stats([run["interference"]["mean"] for run in runs]),
-            "methods": {
-                m: {
-                    "normalized": stats([run["rows"][m]["normalized"] for run in runs]),
-                    "average": stats([run["rows"][m]["average"] for run in runs]),
-                    "configs": [run["rows"][m]["config"] for run in runs],
-                }  # fmt: skip
-                for m in methods
-            },
+            "individual": _stats([mean(run["individual"]["test"].values()) for run in runs]),
+            "interference": _stats([run["interference"]["mean"] for run in runs]),
+            "methods": {m: _method_stats([run for run in runs if m in run["rows"]], m) for m in methods},
         }
     for optimizer in (o for o in ("sam", "asam") if o in sets and "adamw" in sets):
         paired = _paired(sets["adamw"], sets[optimizer])
-        gaps = {
-            m: stats([b["rows"][m]["normalized"] - a["rows"][m]["normalized"] for a, b in paired]) for m in methods
-        }
-        individual_gap = stats([mean(b["individual"]["test"].values()) - mean(a["individual"]["test"].values())
-                                for a, b in paired])  # fmt: skip
+        gaps = {m: _gap(paired, m, "normalized") for m in methods}
+        individual_gap = _stats([mean(b["individual"]["test"].values()) - mean(a["individual"]["test"].values())
+                                 for a, b in paired])  # fmt: skip
         summary[optimizer]["vs_adamw"] = {
             "seeds": [a["protocol"]["seed"] for a, _ in paired],
             "normalized_gap": gaps,
-            "average_gap": {
-                m: stats([b["rows"][m]["average"] - a["rows"][m]["average"] for a, b in paired]) for m in methods
-            },  # fmt: skip
+            "average_gap": {m: _gap(paired, m, "average") for m in methods},
             "individual_gap": individual_gap,
-            "merge_target_met": {m: gap["mean"] >= 0.03 for m, gap in gaps.items()},
+            "merge_target_met": {m: gap["mean"] >= 0.03 for m, gap in gaps.items() if gap},
             "individual_target_met": abs(individual_gap["mean"]) <= 0.01,
         }
     return summary
+
+
+def _method_stats(runs: Sequence[dict], method: str) -> dict[str, Any]:
+    if not runs:
+        return {}
+    return {
+        "normalized": _stats([run["rows"][method]["normalized"] for run in runs]),
+        "average": _stats([run["rows"][method]["average"] for run in runs]),
+        "configs": [run["rows"][method]["config"] for run in runs],
+    }
+
+
+def _gap(paired: Sequence[tuple[dict, dict]], method: str, key: str) -> dict[str, Any]:
+    """Paired difference (second - first) of ``key`` over the seeds where both sets have ``method``'s row."""
+    values = [b["rows"][method][key] - a["rows"][method][key] for a, b in paired
+              if method in a["rows"] and method in b["rows"]]  # fmt: skip
+    return _stats(values) if values else {}
 
 
 def _paired(first: Sequence[dict], second: Sequence[dict]) -> list[tuple[dict, dict]]:
@@ -379,33 +405,47 @@ def _paired(first: Sequence[dict], second: Sequence[dict]) -> list[tuple[dict, d
 
 
 def print_tables(result: dict) -> None:
+    """Markdown: each optimizer's normalised (absolute) accuracy per method, then the paired gaps to AdamW."""
     summary, methods = result["summary"], result["methods"]
     tasks = next(iter(result["sets"].values()))[0]["protocol"]["tasks"]
-    print(f"\nNormalised test accuracy of the {len(tasks)}-task merge (mean ± std over seeds; each optimizer normalised "
-          "by its own fine-tunes), absolute average in brackets\n")  # fmt: skip
     optimizers = list(summary)
+    seeds = max(len(summary[o]["seeds"]) for o in optimizers)
+    print(f"\nNormalised test accuracy of the {len(tasks)}-task merge, mean ± std over seeds (each optimizer normalised "
+          f"by its own fine-tunes), absolute average in brackets; [n] when fewer than {seeds} seeds\n")  # fmt: skip
     label = {o: f"{o} (rho {summary[o]['rho']:g})" if summary[o]["rho"] is not None else o for o in optimizers}
     print("| method | " + " | ".join(label[o] for o in optimizers) + " |")
     print("|---" * (len(optimizers) + 1) + "|")
-    rows = [("individual (avg accuracy)", lambda o: _cell(summary[o]["individual"]))]
-    rows += [(m, lambda o, m=m: f"{_cell(summary[o]['methods'][m]['normalized'])} "
-                               f"({summary[o]['methods'][m]['average']['mean']:.3f})") for m in methods]  # fmt: skip
-    rows += [("interference (loss increase)", lambda o: _cell(summary[o]["interference"]))]
-    for name, cell in rows:
-        print(f"| {name} | " + " | ".join(cell(o) for o in optimizers) + " |")
-    for optimizer in (o for o in optimizers if "vs_adamw" in summary[o]):
-        gaps = summary[optimizer]["vs_adamw"]
-        print(f"\n{optimizer} - adamw, paired by seed {gaps['seeds']}: individual "
-              f"{gaps['individual_gap']['mean']:+.3f}; normalised " + ", ".join(
-                  f"{m} {g['mean']:+.3f}" for m, g in gaps["normalized_gap"].items()))  # fmt: skip
+    print(
+        "| individual (avg accuracy) | "
+        + " | ".join(_cell(summary[o]["individual"], seeds) for o in optimizers)
+        + " |"
+    )
+    for m in methods:
+        cells = [summary[o]["methods"][m] for o in optimizers]
+        print(f"| {m} | " + " | ".join(
+            f"{_cell(c['normalized'], seeds)} ({c['average']['mean']:.3f})" if c else "—" for c in cells) + " |")  # fmt: skip
+    print("| interference (loss increase) | "
+          + " | ".join(_cell(summary[o]["interference"], seeds) for o in optimizers) + " |")  # fmt: skip
+    against = [o for o in optimizers if "vs_adamw" in summary[o]]
+    if against:
+        print("\nPaired gap to AdamW (same seeds), points: normalised (absolute average)\n")
+        print("| method | " + " | ".join(f"{o} - adamw" for o in against) + " |")
+        print("|---" * (len(against) + 1) + "|")
+        gap = lambda g: f"{100 * g['mean']:+.1f} ± {100 * g['std']:.1f}" if g else "—"  # noqa: E731
+        print("| individual | " + " | ".join(gap(summary[o]["vs_adamw"]["individual_gap"]) for o in against) + " |")
+        for m in methods:
+            cells = [(summary[o]["vs_adamw"]["normalized_gap"][m], summary[o]["vs_adamw"]["average_gap"][m])
+                     for o in against]  # fmt: skip
+            print(f"| {m} | " + " | ".join(f"{gap(n)} ({gap(a)})" if n else "—" for n, a in cells) + " |")
     if "cost" in result:
         ratios = result["cost"]["ratios"]
         print("\nTime per training step over AdamW's (median of per-round ratios, side by side): " + ", ".join(
             f"{k}: wall {v['wall']:.2f}, cpu {v['cpu']:.2f}" for k, v in ratios.items()))  # fmt: skip
 
 
-def _cell(stats: Mapping[str, float]) -> str:
-    return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+def _cell(stats: Mapping[str, Any], seeds: int) -> str:
+    fewer = f" [{stats['n']}]" if stats.get("n", seeds) < seeds else ""
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}{fewer}"
 
 
 # -- command line -----------------------------------------------------------------------------------------------------
@@ -450,7 +490,8 @@ def _chosen_rho(args: argparse.Namespace, settings: Mapping) -> dict[str, float]
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("rho", "merge", "cost", "all"), required=True)
+    parser.add_argument("--part", choices=("rho", "merge", "cost", "all", "table"), required=True,
+                        help="table: the summary and tables of the sets already saved (nothing is computed)")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
     parser.add_argument("--methods", nargs="+", default=None, help=f"merge methods (default {DEFAULT_METHODS})")
@@ -494,6 +535,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.part in ("merge", "all"):
         rhos = _chosen_rho(args, settings)
         sets = {o: [run_set(o, rhos.get(o), s, tasks, methods, settings) for s in args.seeds] for o in args.optimizers}
+        result.update(methods=list(methods), sets=sets, summary=summarize(sets, methods))
+    if args.part == "table":
+        sets = saved_sets(settings["results"], _chosen_rho(args, settings), args.seeds)
         result.update(methods=list(methods), sets=sets, summary=summarize(sets, methods))
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path.write_text(json.dumps(result, indent=2, default=str) + "\n")

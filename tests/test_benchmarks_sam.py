@@ -122,3 +122,20 @@ def test_a_second_merge_run_reuses_every_saved_row(tiny_run):
     assert len(saved) == 3
     bench_sam.main(["--part", "merge", "--tiny", "--seeds", "0", "--work-dir", str(work), "--methods", "ties"])
     assert {path: path.stat().st_mtime_ns for path in saved} == saved
+
+
+def test_table_part_summarises_the_saved_sets_as_the_merge_run_did(tiny_run, capsys):
+    """Oracle: the summary the merge run computed from the sets in memory."""
+    work, result = tiny_run
+    rhos = {o: result["sets"][o][0]["protocol"]["rho"] for o in ("sam", "asam")}
+    table = bench_sam.main(["--part", "table", "--tiny", "--seeds", "0", "--work-dir", str(work), "--methods",
+                            "task_arithmetic", "ties", "sta", "tsv", "--rho-sam", str(rhos["sam"]), "--rho-asam",
+                            str(rhos["asam"])])  # fmt: skip
+    for optimizer in ("adamw", "sam", "asam"):
+        for method in ("task_arithmetic", "ties", "sta"):
+            assert table["summary"][optimizer]["methods"][method] == result["summary"][optimizer]["methods"][method]
+        assert table["summary"][optimizer]["methods"]["tsv"] == {}  # no saved row: not summarised
+    gap = table["summary"]["sam"]["vs_adamw"]["normalized_gap"]["ties"]
+    rows = {o: result["sets"][o][0]["rows"]["ties"]["normalized"] for o in ("adamw", "sam")}
+    assert gap["mean"] == pytest.approx(rows["sam"] - rows["adamw"]) and gap["n"] == 1
+    assert "| tsv | — | — | — |" in capsys.readouterr().out
