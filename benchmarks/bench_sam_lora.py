@@ -45,7 +45,7 @@ from benchmarks.bench_lora import (
     prepare,
     tune,
 )
-from benchmarks.harness import SavedRows, mean, normalized
+from benchmarks.harness import SavedRows, mean
 from benchmarks.lora_methods import DATA_FREE
 from examples._common import quiet
 from hf_sta import STAMerger
@@ -131,10 +131,7 @@ def run_set(
         if method not in rows:
             rows[method] = tune(score, method, METHODS[method])
             logger.info("%s s%d %s: %s", optimizer, seed, method, rows[method]["test"])
-    own = rows.extra["individual"]["test"]
-    for row in rows.values():
-        row["average"], row["normalized"] = mean(row["test"].values()), normalized(row["test"], own)
-    return {"protocol": protocol, **rows.extra, "rows": {m: rows[m] for m in methods}}
+    return bench_sam.scored_run(protocol, rows.extra, {m: rows[m] for m in methods})
 
 
 def step_cost(loaded: LoraBench, rhos: dict[str, float | None], steps: int, rounds: int) -> dict[str, Any]:
