@@ -493,7 +493,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--part", choices=("rho", "merge", "cost", "all", "table"), required=True,
                         help="table: the summary and tables of the sets already saved (nothing is computed)")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=list(OPTIMIZERS),
+        choices=OPTIMIZERS,
+        help="the fine-tune sets merged (--part merge) and the rho grids run (--part rho)",
+    )
     parser.add_argument("--methods", nargs="+", default=None, help=f"merge methods (default {DEFAULT_METHODS})")
     parser.add_argument("--rho-sam", type=float, default=None, help="skip the choice: SAM's rho")
     parser.add_argument("--rho-asam", type=float, default=None, help="skip the choice: ASAM's rho")
@@ -524,7 +530,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary_path = (settings["results"].parent if args.tiny else RESULTS) / f"{_name(args)}.json"
     result = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if args.part in ("rho", "all"):
-        result["rho"] = run_rho(tasks, TINY["rho_grid"] if args.tiny else RHO_GRID, settings)
+        grid = TINY["rho_grid"] if args.tiny else RHO_GRID
+        result["rho"] = run_rho(tasks, {o: grid[o] for o in grid if o in args.optimizers}, settings)
     if args.part in ("cost", "all"):
         base = settings.get("base_model") or _minilm()
         steps, rounds = (1, 2) if args.tiny else (args.cost_steps, args.cost_rounds)

@@ -139,3 +139,11 @@ def test_table_part_summarises_the_saved_sets_as_the_merge_run_did(tiny_run, cap
     rows = {o: result["sets"][o][0]["rows"]["ties"]["normalized"] for o in ("adamw", "sam")}
     assert gap["mean"] == pytest.approx(rows["sam"] - rows["adamw"]) and gap["n"] == 1
     assert "| tsv | — | — | — |" in capsys.readouterr().out
+
+
+def test_rho_part_runs_only_the_grids_of_the_optimizers_asked(tiny_run):
+    work, result = tiny_run
+    out = bench_sam.main(["--part", "rho", "--tiny", "--seeds", "0", "--work-dir", str(work), "--optimizers", "adamw",
+                          "sam"])  # fmt: skip
+    assert set(out["rho"]["chosen"]) == {"sam"}
+    assert out["rho"]["chosen"]["sam"] == result["rho"]["chosen"]["sam"]  # the saved entries, reused
