@@ -488,7 +488,7 @@ def _chosen_rho(args: argparse.Namespace, settings: Mapping) -> dict[str, float]
     return chosen
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("rho", "merge", "cost", "all", "table"), required=True,
                         help="table: the summary and tables of the sets already saved (nothing is computed)")  # fmt: skip
@@ -514,6 +514,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tag", default=None, help="a reduced run: results in results/sam-<tag>/ and sam-<tag>.json")
     parser.add_argument("--tiny", action="store_true", help="tiny BERT, 3 tasks, a few examples (what the test runs)")
     parser.add_argument("--work-dir", type=Path, default=Path("out/bench_sam_tiny"), help="--tiny: caches, results")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = _parser()
     args = parser.parse_args(argv)
     known = {*MERGE_GRIDS, *method_runs.DATA_AWARE_GRIDS, *method_runs.LEARNED}
     unknown = sorted(set(args.methods or ()) - known)
