@@ -472,6 +472,13 @@ def _eval_results(items: EvalResults | None, pipeline_tag: str | None = None) ->
     return results
 
 
+def _importance_datasets(recipe: Mapping[str, Any]) -> list[str]:
+    """The Hub dataset ids the importance was measured on (``importance.<task>.data``), in order, once each."""
+    importance_config = recipe.get("importance") or {}
+    datasets = [(c or {}).get("data") for c in importance_config.values() if isinstance(c, Mapping)]
+    return list(dict.fromkeys(d for d in map(_hub_dataset_id, datasets) if d))
+
+
 def render_model_card(
     *,
     recipe: Mapping[str, Any],
@@ -520,9 +527,7 @@ def render_model_card(
         edited, edited_id = _source_cell(target, ids.get(TARGET_KEY)), ids.get(TARGET_KEY)
     data_config = _lineage_metadata(kind, section is forget, method_name, lineage, edited_id, base_metadata)
 
-    importance_config = recipe.get("importance") or {}
-    datasets = [(c or {}).get("data") for c in importance_config.values() if isinstance(c, Mapping)]
-    datasets = list(dict.fromkeys(d for d in map(_hub_dataset_id, datasets) if d))
+    datasets = _importance_datasets(recipe)
     if datasets:
         data_config["datasets"] = datasets
     if model_name is None:
@@ -553,7 +558,9 @@ def render_model_card(
         "software": software_versions(),
         "learned": learned_context(merge) if section is merge else None,
     }
-    context.update(_statistics_context(kept_fraction, importance, importance_layers, importance_config, plot))
+    context.update(
+        _statistics_context(kept_fraction, importance, importance_layers, recipe.get("importance") or {}, plot)
+    )
     if results:
         context["evaluation"] = _evaluation_rows(results)
     recipe_text = _yaml_dump(recipe)

@@ -117,9 +117,26 @@ def solve_widths(
         return new
     if intermediate_size is not None:
         raise ConfigError("compress: give target= or intermediate_size=, not both (target sets the FFN width).")
+    return _widths_for_target(new, widths, budget, spec, target, heads_fixed=num_attention_heads is not None,
+                              multiple_of=multiple_of)  # fmt: skip
+
+
+def _widths_for_target(
+    new: Widths,
+    widths: Widths,
+    budget: ParameterBudget,
+    spec: ArchitectureSpec,
+    target: float,
+    *,
+    heads_fixed: bool,
+    multiple_of: int,
+) -> Widths:
+    """The widths under ``target * budget.count(widths)`` parameters: per number of key/value groups (all of them
+    unless the heads are ``heads_fixed``), the widest FFN that fits; the pair whose kept fractions of groups and of
+    neurons are closest wins (ties: more groups)."""
     limit = target * budget.count(widths)
     candidates = [new.num_key_value_heads]
-    if spec.heads_prunable and num_attention_heads is None:
+    if spec.heads_prunable and not heads_fixed:
         candidates = list(range(1, widths.num_key_value_heads + 1))
     best = None
     for groups in candidates:

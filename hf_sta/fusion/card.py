@@ -53,42 +53,12 @@ def _source_cell(spec: dict[str, Any]) -> str:
 
 
 def render_fused_card(config: FusionConfig, model: FusedMultiTaskModel | None = None, title: str = "") -> ModelCard:
+    """The card of a fused model: its sources (Hub ids -> ``base_model``, relation ``merge``) and its settings."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base_models = [repo for spec in config.sources.values() if (repo := _hub_origin(spec))]
-    rows = []
-    for task in config.tasks:
-        spec = config.sources[task]
-        peft = " + PEFT adapter" if spec.get("peft") else ""
-        stored = (
-            "shipped"
-            if spec.get("shipped")
-            else ("weights in model.safetensors" if spec["kind"] == "module" else "referenced")
-        )
-        rows.append(
-            {
-                "task": md_escape(task),
-                "labels": config.num_labels[task],
-                "source": _source_cell(spec),
-                "architecture": md_escape(f"{spec.get('class', '?')}{peft}"),
-                "components": md_escape(spec.get("components", "hooks")),
-                "pooling": md_escape(spec.get("pooling", "-")),
-                "stored": stored,
-            }
-        )
-    settings = {"fusion": config.fusion, "seed": config.seed, "dropout": config.dropout}
-    if config.fusion == "akf":
-        settings.update(
-            fusion_dim=config.fusion_dim,
-            intra_layers=config.intra_layers,
-            inter_layers=config.inter_layers,
-            num_heads=config.num_heads,
-        )
-    if config.source_lora:
-        settings["source_lora"] = json.dumps(config.source_lora, default=str)
-    if model is not None:
-        settings["trainable parameters"] = f"{model.num_parameters(only_trainable=True):,}"
-        settings["total parameters"] = f"{model.num_parameters():,}"
+    rows = [_source_row(config, task) for task in config.tasks]
+    settings = _settings_rows(config, model)
     fusion_text = (
         "an Adaptive Knowledge Fusion (AKF) module reads their components and adds what it learns to each task's own "
         "head input through a zero-initialised projection (before training, every task predicts what its source does)."
@@ -111,8 +81,42 @@ def render_fused_card(config: FusionConfig, model: FusedMultiTaskModel | None = 
         fusion_text=fusion_text,
         first_task_literal=json.dumps(config.tasks[0]),
         sources=rows,
-        settings=[{"name": md_escape(k), "value": md_escape(v)} for k, v in settings.items()],
+        settings=settings,
     )
+
+
+def _source_row(config: FusionConfig, task: str) -> dict[str, Any]:
+    """One row of the card's sources table."""
+    spec = config.sources[task]
+    peft = " + PEFT adapter" if spec.get("peft") else ""
+    stored = "weights in model.safetensors" if spec["kind"] == "module" else "referenced"
+    return {
+        "task": md_escape(task),
+        "labels": config.num_labels[task],
+        "source": _source_cell(spec),
+        "architecture": md_escape(f"{spec.get('class', '?')}{peft}"),
+        "components": md_escape(spec.get("components", "hooks")),
+        "pooling": md_escape(spec.get("pooling", "-")),
+        "stored": "shipped" if spec.get("shipped") else stored,
+    }
+
+
+def _settings_rows(config: FusionConfig, model: FusedMultiTaskModel | None) -> list[dict[str, str]]:
+    """The card's settings table: the fusion, its sizes for AKF, source LoRA and the parameter counts of ``model``."""
+    settings: dict[str, Any] = {"fusion": config.fusion, "seed": config.seed, "dropout": config.dropout}
+    if config.fusion == "akf":
+        settings.update(
+            fusion_dim=config.fusion_dim,
+            intra_layers=config.intra_layers,
+            inter_layers=config.inter_layers,
+            num_heads=config.num_heads,
+        )
+    if config.source_lora:
+        settings["source_lora"] = json.dumps(config.source_lora, default=str)
+    if model is not None:
+        settings["trainable parameters"] = f"{model.num_parameters(only_trainable=True):,}"
+        settings["total parameters"] = f"{model.num_parameters():,}"
+    return [{"name": md_escape(k), "value": md_escape(v)} for k, v in settings.items()]
 
 
 def write_fused_card(folder: str | Path, config: FusionConfig, model: FusedMultiTaskModel | None = None) -> Path:
