@@ -512,6 +512,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-limit", nargs="+", default=[], metavar="SPLIT=N",
                         help="score on the first N examples of a split (validation=N, test=N): a cheaper run")  # fmt: skip
     parser.add_argument("--tag", default=None, help="a reduced run: results in results/sam-<tag>/ and sam-<tag>.json")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="the summary JSON (default results/sam[-<tag>].json), e.g. a table at other rho values")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="tiny BERT, 3 tasks, a few examples (what the test runs)")
     parser.add_argument("--work-dir", type=Path, default=Path("out/bench_sam_tiny"), help="--tiny: caches, results")
     return parser
@@ -532,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings["results"].mkdir(parents=True, exist_ok=True)
     tasks = list(args.tasks or (TINY["tasks"] if args.tiny else TASKS))
     methods = args.methods or (TINY["methods"] if args.tiny else DEFAULT_METHODS)
-    summary_path = (settings["results"].parent if args.tiny else RESULTS) / f"{_name(args)}.json"
+    summary_path = args.summary or (settings["results"].parent if args.tiny else RESULTS) / f"{_name(args)}.json"
     result = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if args.part in ("rho", "all"):
         grid = TINY["rho_grid"] if args.tiny else RHO_GRID

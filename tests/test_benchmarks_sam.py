@@ -128,9 +128,12 @@ def test_table_part_summarises_the_saved_sets_as_the_merge_run_did(tiny_run, cap
     """Oracle: the summary the merge run computed from the sets in memory."""
     work, result = tiny_run
     rhos = {o: result["sets"][o][0]["protocol"]["rho"] for o in ("sam", "asam")}
+    default_summary = (work / "sam.json").read_text()
     table = bench_sam.main(["--part", "table", "--tiny", "--seeds", "0", "--work-dir", str(work), "--methods",
                             "task_arithmetic", "ties", "sta", "tsv", "--rho-sam", str(rhos["sam"]), "--rho-asam",
-                            str(rhos["asam"])])  # fmt: skip
+                            str(rhos["asam"]), "--summary", str(work / "table.json")])  # fmt: skip
+    assert json.loads((work / "table.json").read_text())["summary"] == json.loads(json.dumps(table["summary"]))
+    assert (work / "sam.json").read_text() == default_summary  # --summary: the default one is left alone
     for optimizer in ("adamw", "sam", "asam"):
         for method in ("task_arithmetic", "ties", "sta"):
             assert table["summary"][optimizer]["methods"][method] == result["summary"][optimizer]["methods"][method]
