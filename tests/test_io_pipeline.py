@@ -4,6 +4,7 @@ safetensors writer."""
 from __future__ import annotations
 
 import functools
+import signal
 import threading
 import time
 
@@ -184,6 +185,41 @@ def test_background_write_error_reaches_the_caller(tmp_path, monkeypatch):
     writer.abort()
     assert calls["n"] == 3  # nothing written after the failure
     assert not _threads("hf_sta-write")
+
+
+def test_an_interrupted_background_writer_stops_before_the_interrupt_propagates(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM (here a SIGALRM handler raising KeyboardInterrupt) while ``abort`` waits for a slow write:
+    the write in progress completes, the queued ones are skipped, and the thread has ended when the interrupt
+    reaches the caller (an interrupted ``Thread.join`` returned at once and left the thread running)."""
+    tensors = _tensors()
+    plan = [TensorPlan(k, v.shape, v.dtype) for k, v in tensors.items()]
+    writes: list[str] = []
+    original = StreamingSafetensorsWriter._write_bytes
+
+    def slow(self, shard, offset, data, on_written=None):
+        time.sleep(0.6 if not writes else 0)
+        original(self, shard, offset, data, on_written)
+        writes.append("done")
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StreamingSafetensorsWriter, "_write_bytes", slow)
+    writer = StreamingSafetensorsWriter(tmp_path, plan, background=True, any_order=True)
+    for key, value in list(tensors.items())[:4]:
+        writer.write(key, value)
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            writer.abort()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert writes == ["done"]  # the interrupt reached the caller only once the write in progress was done
+    for thread in _threads("hf_sta-write"):
+        thread.join(timeout=5)
+    assert writes == ["done"] and not _threads("hf_sta-write")  # the three queued behind it were dropped
 
 
 def test_background_writer_queues_behind_a_slow_write_up_to_a_byte_budget(tmp_path, monkeypatch):

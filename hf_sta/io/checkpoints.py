@@ -638,6 +638,7 @@ class StreamingSafetensorsWriter:
         self._queued_bytes = 0  # of the tensors in the queue, not counting the one being written
         self._queue_changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._finished = threading.Event()  # set by the background thread as it ends
         self._error: BaseException | None = None
 
     def _handle(self, shard: int):
@@ -664,6 +665,7 @@ class StreamingSafetensorsWriter:
         if self._error is not None:
             raise self._error
         if self._thread is None:
+            self._finished.clear()
             self._thread = threading.Thread(target=self._work, name="hf_sta-write", daemon=True)
             self._thread.start()
         with self._queue_changed:
@@ -673,6 +675,12 @@ class StreamingSafetensorsWriter:
             self._queue_changed.notify_all()
 
     def _work(self) -> None:
+        try:
+            self._drain()
+        finally:
+            self._finished.set()
+
+    def _drain(self) -> None:
         while True:
             with self._queue_changed:
                 self._queue_changed.wait_for(lambda: self._queue)
@@ -689,12 +697,24 @@ class StreamingSafetensorsWriter:
                     self._error = error
 
     def _join(self) -> None:
-        if self._thread is not None:
-            with self._queue_changed:
-                self._queue.append(None)
-                self._queue_changed.notify_all()
-            self._thread.join()
-            self._thread = None
+        """Wait until the background thread has run what is queued and ended. Interrupted (Ctrl-C, SIGTERM), it
+        has the thread skip the rest and still waits for it before re-raising: a writer thread left running at
+        interpreter exit aborts the process inside torch. It waits on an event, not ``Thread.join``: an interrupted
+        ``join`` marks a still-running thread as stopped (CPython 3.11, bpo-45274)."""
+        if self._thread is None:
+            return
+        with self._queue_changed:
+            self._queue.append(None)
+            self._queue_changed.notify_all()
+        try:
+            self._finished.wait()
+        except BaseException as interrupt:
+            self._error = self._error or interrupt  # the thread drains the queue without writing
+            self._finished.wait()
+            raise
+        finally:
+            if self._finished.is_set():
+                self._thread = None
 
     def _close_files(self) -> None:
         for handle in self._handles.values():
