@@ -15,10 +15,15 @@ Protocol (quoted in the README):
 * Interference: for each ordered pair of tasks ``(i, j)``, the cross-entropy of task ``i``'s answer words on its
   validation examples at ``theta_0 + tau_i + tau_j`` minus at ``theta_0 + tau_i`` (``tau`` = the adapter's dense
   update), averaged over ``j`` per task, then over tasks (as ``bench_sam``).
+* ``rho`` (``--part rho``, seed 0): AdamW and every ``rho`` of ``bench_sam.RHO_GRID`` (SAM 0.02 / 0.05 / 0.1, ASAM
+  0.2 / 0.5 / 1.0), each set's task-arithmetic merge tuned on validation; the chosen ``rho`` maximises its best mean
+  *validation* accuracy (MiniLM's criterion, :func:`bench_sam.choose_rho`; ties go to the default). It is written to
+  ``sam_lora/rho.json`` and passed to ``--part merge`` as ``--rho-sam`` / ``--rho-asam``.
 * Cost: seconds per training step of the three optimizers side by side (``bench_sam.side_by_side_step_times``) on
   ``--cost-steps`` batches of the first task, ``--cost-rounds`` rounds.
 
-    python -m benchmarks.bench_sam_lora --seeds 0 1 2      # SmolLM2-135M
+    python -m benchmarks.bench_sam_lora --part rho          # SmolLM2-135M, seed 0: the choice of rho
+    python -m benchmarks.bench_sam_lora --seeds 0 1 2 --rho-sam R --rho-asam R
     python -m benchmarks.bench_sam_lora --tiny --work-dir DIR   # tiny Llama from a config: seconds
 
 Results: ``benchmarks/results/sam_lora.json`` and one resumable file per optimizer and seed in
@@ -134,6 +139,34 @@ def run_set(
     return bench_sam.scored_run(protocol, rows.extra, {m: rows[m] for m in methods})
 
 
+def run_rho(
+    loaded: LoraBench, grid: dict[str, Sequence[float]], work: Path, results: Path, seed: int = 0
+) -> dict[str, Any]:
+    """Seed ``seed``: AdamW (reference) and each ``rho`` of ``grid`` scored by the best mean validation accuracy of
+    its adapters' task-arithmetic merge (each set's file is the one ``--part merge`` extends); the choice per
+    optimizer by :func:`bench_sam.choose_rho`. Returns (and writes to ``results/rho.json``)
+    ``{"protocol", "entries": {"adamw" | "<optimizer>-<rho>": {...}}, "chosen": {optimizer: rho}}``."""
+    entries: dict[str, dict[str, Any]] = {}
+    for optimizer, rho in [("adamw", None)] + [(o, r) for o in grid for r in grid[o]]:
+        run = run_set(loaded, optimizer, rho, seed, ["task_arithmetic"], work, results)
+        individual, key = run["individual"]["validation"], "adamw" if rho is None else f"{optimizer}-{rho:g}"
+        entries[key] = {
+            "optimizer": optimizer,
+            "rho": rho,
+            "adapters": run["protocol"]["adapters"],
+            "individual_validation_mean": mean(individual.values()),
+            "task_arithmetic": run["rows"]["task_arithmetic"]["trials"],
+            "criterion": max(trial["validation"] for trial in run["rows"]["task_arithmetic"]["trials"]),
+        }
+        logger.info("rho %s: criterion %.4f", key, entries[key]["criterion"])
+    protocol = {"tasks": list(loaded.args.tasks), "seed": seed, "grid": {o: list(r) for o, r in grid.items()},
+                "criterion": "task_arithmetic validation mean, best scaling", "scalings": METHODS["task_arithmetic"]}  # fmt: skip
+    result = {"protocol": protocol, "entries": entries,
+              "chosen": {o: bench_sam.choose_rho(entries, o) for o in grid}}  # fmt: skip
+    (results / "rho.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def step_cost(loaded: LoraBench, rhos: dict[str, float | None], steps: int, rounds: int) -> dict[str, Any]:
     """Seconds per training step of AdamW, SAM and ASAM adapters on the same ``steps`` batches of the first task."""
     from examples.merge_lora_adapters import adapter_optimizer, lora_model
@@ -153,6 +186,8 @@ def step_cost(loaded: LoraBench, rhos: dict[str, float | None], steps: int, roun
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny Llama from a config, few examples")
+    parser.add_argument("--part", choices=("rho", "merge"), default="merge",
+                        help="rho: seed 0 of every rho of the grid, the choice; merge: --seeds x --optimizers sets")  # fmt: skip
     add_protocol_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--optimizers", nargs="+", default=list(bench_sam.OPTIMIZERS), choices=bench_sam.OPTIMIZERS)
@@ -173,6 +208,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = work / "results" if args.tiny else RESULTS / "sam_lora"
         results.mkdir(parents=True, exist_ok=True)
         loaded = prepare(args, work)
+        if args.part == "rho":
+            grid = bench_sam.TINY["rho_grid"] if args.tiny else bench_sam.RHO_GRID
+            rho = run_rho(loaded, {o: grid[o] for o in args.optimizers if o in grid}, work, results)
+            print(json.dumps({key: round(e["criterion"], 4) for key, e in rho["entries"].items()}), rho["chosen"])
+            return rho
         sets = {o: [run_set(loaded, o, rhos[o], s, args.methods, work, results) for s in args.seeds]
                 for o in args.optimizers}  # fmt: skip
         result: dict[str, Any] = {"methods": args.methods, "sets": sets}

@@ -4,6 +4,7 @@ on a tiny Llama built from a config."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -90,3 +91,25 @@ def test_a_second_run_reuses_every_saved_row(tiny_run):
     bench_sam_lora.main(["--tiny", "--work-dir", str(work), "--tasks", *TASKS, "--optimizers", "adamw", "sam",
                          "--methods", "ties"])  # fmt: skip
     assert {path: path.stat().st_mtime_ns for path in saved} == saved
+
+
+def test_rho_choice_is_the_grid_point_whose_task_arithmetic_merge_is_best_on_validation(tiny_run):
+    """Each grid point's criterion is the best validation trial of its saved set; the choice is their argmax (ties go
+    to the authors' default, 0.05); the sets already run are reused, not retrained."""
+    work, _ = tiny_run
+    reused = (work / "results" / "sam0.05-s0.json").stat().st_mtime_ns
+    argv = ["--tiny", "--work-dir", str(work), "--tasks", *TASKS, "--part", "rho", "--optimizers", "adamw", "sam"]
+    result = bench_sam_lora.main(argv)
+    assert set(result["entries"]) == {"adamw", "sam-0.05", "sam-0.1"}
+    criteria = {}
+    for key, entry in result["entries"].items():
+        saved = json.loads((work / "results" / f"{key.replace('-', '')}-s0.json").read_text())
+        trials = saved["rows"]["task_arithmetic"]["trials"]
+        assert [trial["config"] for trial in trials] == bench_sam_lora.METHODS["task_arithmetic"]
+        criteria[key] = max(trial["validation"] for trial in trials)
+        assert entry["criterion"] == criteria[key]
+        assert entry["adapters"] == saved["protocol"]["adapters"]
+    expected = 0.1 if criteria["sam-0.1"] > criteria["sam-0.05"] else 0.05
+    assert result["chosen"] == {"sam": expected}
+    assert json.loads((work / "results" / "rho.json").read_text())["chosen"] == {"sam": expected}
+    assert (work / "results" / "sam0.05-s0.json").stat().st_mtime_ns == reused
