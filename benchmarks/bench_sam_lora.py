@@ -26,7 +26,7 @@ Protocol (quoted in the README):
     python -m benchmarks.bench_sam_lora --seeds 0 1 2 --rho-sam R --rho-asam R
     python -m benchmarks.bench_sam_lora --tiny --work-dir DIR   # tiny Llama from a config: seconds
 
-Results: ``benchmarks/results/sam_lora.json`` and one resumable file per optimizer and seed in
+Results: ``benchmarks/results/sam_lora.json`` (``--summary``: another path) and one resumable file per optimizer and seed in
 ``benchmarks/results/sam_lora/`` (``--tiny``: under ``--work-dir``).
 """
 
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cost-steps", type=int, default=3)
     parser.add_argument("--cost-rounds", type=int, default=5)
     parser.add_argument("--work-dir", type=Path, default=None, help="merged outputs, --tiny caches and results")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="the summary JSON (default results/sam_lora.json), e.g. a table at other rho values")  # fmt: skip
     args = parser.parse_args(argv)
     fill_protocol_defaults(args)
     args.seed = 0  # bench_lora's: the tiny Llama's initialisation (each set's adapters take their own seed)
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["summary"] = bench_sam.summarize(sets, args.methods)
         steps, rounds = (1, 1) if args.tiny else (args.cost_steps, args.cost_rounds)
         result["cost"] = step_cost(loaded, rhos, steps, rounds)
-    (results.parent / "sam_lora.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (args.summary or results.parent / "sam_lora.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     bench_sam.print_tables(result)
     return result
 

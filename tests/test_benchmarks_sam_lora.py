@@ -88,9 +88,11 @@ def test_a_second_run_reuses_every_saved_row(tiny_run):
     work, _ = tiny_run
     saved = {path: path.stat().st_mtime_ns for path in (work / "results").glob("*-s0.json")}
     assert len(saved) == 2
-    bench_sam_lora.main(["--tiny", "--work-dir", str(work), "--tasks", *TASKS, "--optimizers", "adamw", "sam",
-                         "--methods", "ties"])  # fmt: skip
+    summary = work / "other.json"
+    result = bench_sam_lora.main(["--tiny", "--work-dir", str(work), "--tasks", *TASKS, "--optimizers", "adamw",
+                                  "sam", "--methods", "ties", "--summary", str(summary)])  # fmt: skip
     assert {path: path.stat().st_mtime_ns for path in saved} == saved
+    assert json.loads(summary.read_text())["summary"] == json.loads(json.dumps(result["summary"]))
 
 
 def test_rho_choice_is_the_grid_point_whose_task_arithmetic_merge_is_best_on_validation(tiny_run):
